@@ -1,0 +1,57 @@
+"""Safe file writing: atomic replace, no overwrite unless asked, every path kept inside its folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from trainer.errors import TrainTrainError
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path in the target's folder; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise TrainTrainError(f"Cannot write into {path.parent}: {error.strerror or error}.") from error
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write text atomically (UTF-8)."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise TrainTrainError(f"Could not write {path}: {error.strerror or error}. Check free space and permissions.")
+    return Path(path)
+
+
+def inside(folder: Path, name: str) -> Path:
+    """`folder/name`, refused unless it resolves inside `folder`."""
+    folder = Path(folder).resolve()
+    path = (folder / name).resolve()
+    if folder != path and folder not in path.parents:
+        raise TrainTrainError(f"{name!r} would be written outside {folder}: use a plain file name.")
+    return path
+
+
+def output_path(folder: Path, stem: str, suffix: str, overwrite: bool) -> Path:
+    """Where to write `stem+suffix` in `folder`: the name itself, or with overwrite off and the file present, an error."""
+    path = inside(folder, stem + suffix)
+    if path.exists() and not overwrite:
+        raise TrainTrainError(f"{path.name} already exists in {folder}: tick 'save overwrite' or choose another name.")
+    return path

@@ -1,0 +1,151 @@
+"""kohya / LyCORIS key format: network → tensors + `ss_*` metadata, files → adapter weights (safetensors only)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from trainer.errors import TrainTrainError
+from trainer.files import atomic_path
+from trainer.networks.modules import LoHaModule, LoRAModule
+from trainer.networks.network import Network
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "model": torch.float16}
+
+
+def network_tensors(network: Network, dtype: torch.dtype, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """The file's tensors: `<name>.lora_down/up.weight` + `.alpha` (LoRA) or `.hada_w*` + `.alpha` (LoHa).
+
+    `strength` scales ΔW linearly (applied to lora_up / hada_w1_a), so weight 1.0 in the WebUI applies strength × ΔW.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, adapter in network.adapters.items():
+        if isinstance(adapter, LoRAModule):
+            tensors[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach()
+            tensors[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach() * strength
+        elif isinstance(adapter, LoHaModule):
+            fan_shape = (adapter.rank, adapter.in_dim, *adapter.kernel) if adapter.is_conv else None
+            w1b, w2b = adapter.hada_w1_b.detach(), adapter.hada_w2_b.detach()
+            tensors[f"{name}.hada_w1_a"] = adapter.hada_w1_a.detach() * strength
+            tensors[f"{name}.hada_w1_b"] = w1b.reshape(fan_shape) if fan_shape else w1b
+            tensors[f"{name}.hada_w2_a"] = adapter.hada_w2_a.detach()
+            tensors[f"{name}.hada_w2_b"] = w2b.reshape(fan_shape) if fan_shape else w2b
+        tensors[f"{name}.alpha"] = adapter.alpha.detach().clone()
+    return {k: v.to("cpu", dtype).contiguous() for k, v in tensors.items()}
+
+
+def save_network(path: Path, network: Network, metadata: dict[str, str], dtype: torch.dtype, strength: float) -> Path:
+    """Write the network atomically (temp file in the same folder, then rename) and return the path."""
+    tensors = network_tensors(network, dtype, strength)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except OSError as error:
+        raise TrainTrainError(f"Could not write {path}: {error.strerror or error}. Check free space and permissions.")
+    return path
+
+
+def read_network_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file; only `.safetensors` is read (never unpickled)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise TrainTrainError(f"{path.name}: only .safetensors LoRA files can be loaded (no pickled .pt/.ckpt).")
+    if not path.is_file():
+        raise TrainTrainError(f"LoRA file not found: {path}.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise TrainTrainError(f"{path.name} is not a readable safetensors file: {error}.") from error
+
+
+def module_names(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The kohya module names present in a file's tensors."""
+    return {key.split(".", 1)[0] for key in tensors}
+
+
+def load_into(network: Network, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a file's weights into matching adapters (the inverse of `network_tensors` at strength 1)."""
+    for name, adapter in network.adapters.items():
+        if f"{name}.alpha" not in tensors:
+            raise TrainTrainError(f"The LoRA file has no weights for {name}: it was made for another model or type.")
+        try:
+            if isinstance(adapter, LoRAModule):
+                adapter.lora_down.weight.data.copy_(tensors[f"{name}.lora_down.weight"])
+                adapter.lora_up.weight.data.copy_(tensors[f"{name}.lora_up.weight"])
+            else:
+                for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+                    param = getattr(adapter, key)
+                    param.data.copy_(tensors[f"{name}.{key}"].reshape(param.shape))
+        except (KeyError, RuntimeError) as error:
+            raise TrainTrainError(f"The LoRA file does not fit this network at {name}: {error}.") from error
+
+
+def file_spec_values(tensors: dict[str, torch.Tensor]) -> tuple[str, int, float]:
+    """(adapter kind 'lora'|'loha', rank, alpha) read from the first module of a file."""
+    name = sorted(module_names(tensors))[0]
+    alpha = float(tensors[f"{name}.alpha"])
+    if f"{name}.hada_w1_a" in tensors:
+        return "loha", int(tensors[f"{name}.hada_w1_a"].shape[1]), alpha
+    if f"{name}.lora_down.weight" in tensors:
+        return "lora", int(tensors[f"{name}.lora_down.weight"].shape[0]), alpha
+    raise TrainTrainError(f"Unrecognised LoRA file: module {name} has neither lora_down nor hada_w1_a weights.")
+
+
+def training_metadata(
+    *,
+    output_name: str,
+    network_type: str,
+    rank: int,
+    alpha: float,
+    conv_rank: int,
+    conv_alpha: float,
+    base_model_version: str,
+    v_prediction: bool,
+    settings: dict[str, object],
+    tag_frequency: dict[str, int],
+    started_at: float,
+    steps: int,
+) -> dict[str, str]:
+    """kohya `ss_*` keys (and a few `modelspec.*`) as strings; the WebUI's Lora card shows them."""
+    args: dict[str, str] = {}
+    module = "networks.lora"
+    if network_type == "c3lier":
+        args = {"conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha), "algo": "locon"}
+    elif network_type == "loha":
+        module = "lycoris.kohya"
+        args = {"algo": "loha", "conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha)}
+    meta = {
+        "ss_session_id": str(int(started_at * 1000) % 2**31),
+        "ss_training_started_at": str(started_at),
+        "ss_training_finished_at": str(time.time()),
+        "ss_output_name": output_name,
+        "ss_network_module": module,
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_network_args": json.dumps(args),
+        "ss_base_model_version": base_model_version,
+        "ss_v2": str(base_model_version == "sd_v2"),
+        "ss_steps": str(steps),
+        "ss_tag_frequency": json.dumps({"1": tag_frequency} if tag_frequency else {}),
+        "modelspec.architecture": _architecture(base_model_version, network_type),
+        "modelspec.title": output_name,
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+    }
+    meta.update({f"ss_{key}": str(value) for key, value in settings.items()})
+    return meta
+
+
+def _architecture(base_model_version: str, network_type: str) -> str:
+    family = {
+        "sd_v1": "stable-diffusion-v1",
+        "sd_v2": "stable-diffusion-v2-768-v",
+        "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
+    }
+    suffix = "lora" if network_type != "loha" else "lycoris-loha"
+    return f"{family.get(base_model_version, base_model_version)}/{suffix}"
