@@ -1,0 +1,47 @@
+"""Open the model a standalone run trains on: a tiny built-in model, a single-file checkpoint or a diffusers folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.errors import TrainTrainError
+from trainer.models.bundle import ModelBundle
+
+TINY_MODELS = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def weight_dtype(model_precision: str, device: torch.device) -> torch.dtype:
+    """dtype of the frozen weights: the model precision on a GPU, fp32 on the CPU (half precision is slow there)."""
+    if device.type == "cpu" or model_precision == "fp32":
+        return torch.float32
+    return torch.bfloat16 if model_precision == "bf16" else torch.float16
+
+
+def open_model(
+    model: str, *, vae: str = "", v_pred: bool = False, precision: str = "fp16", device: torch.device | None = None
+) -> ModelBundle:
+    """A ModelBundle for `model`: 'tiny' / 'tiny-sd2' / 'tiny-sdxl', a .safetensors/.ckpt file or a diffusers folder."""
+    from trainer.models.diffusers_backend import DiffusersBundle
+
+    device = device or default_device()
+    dtype = weight_dtype(precision, device)
+    if model in TINY_MODELS:
+        from trainer.models.tiny import build_tiny_components
+
+        components = build_tiny_components(TINY_MODELS[model])
+    else:
+        from trainer.models.checkpoint import load_checkpoint
+
+        if not model:
+            raise TrainTrainError("No model given: pass --model with a checkpoint file, a diffusers folder or 'tiny'.")
+        components = load_checkpoint(Path(model), vae_path=Path(vae) if vae else None, v_pred=v_pred or None)
+    if v_pred:
+        components.prediction = "v"
+    return DiffusersBundle(components, device=device, dtype=dtype)

@@ -1,0 +1,118 @@
+"""ADDifT and Multi-ADDifT: learn the difference between an original and a target image directly, in tens of steps.
+
+At strength +0.25 the LoRA must make the prediction on the noised target equal the frozen model's prediction on the
+identically noised original; odd steps train the mirrored relation at -0.25·|diff alt ratio|. In x0 terms a positive
+LoRA then moves the denoised estimate by (target - original): toward the target (`diff revert original target` swaps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.data import PairedLatentDataset, load_pair_dataset
+from trainer.models.bundle import Conditioning, ModelBundle
+from trainer.modes.common import (
+    Objective,
+    RunContext,
+    TrainResult,
+    build_network,
+    prepared_model,
+    seeded_generator,
+    train_network,
+)
+from trainer.modes.images import encode_image_pair
+from trainer.modes.lora import PromptCache, data_options
+from trainer.networks.network import Network
+
+TRAIN_STRENGTH = 0.25
+
+
+def ladder_timestep(step: int, low: int, high: int) -> int:
+    """The deterministic ADDifT timestep: 10 rungs over [low, high), each used for an even step and the next odd one."""
+    rung = step - step % 2
+    span = (high - low) / 10
+    return min(int(low + span * (rung % 10 + 1)), 999)
+
+
+class DifferenceObjective:
+    """The ADDifT loss of one step for a batch of (original, target) latents and their conditionings."""
+
+    def __init__(self, bundle: ModelBundle, network: Network, objective: Objective, alt_ratio: float) -> None:
+        self.bundle, self.network, self.objective, self.alt_ratio = bundle, network, objective, alt_ratio
+
+    def loss(
+        self,
+        step: int,
+        original: torch.Tensor,
+        target: torch.Tensor,
+        conds: tuple[Conditioning, Conditioning],
+        generator: torch.Generator,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Even steps: target side at +0.25 vs frozen original side; odd steps mirrored at -0.25·|alt ratio|."""
+        c = self.objective.config
+        t = ladder_timestep(step, c.train_min_timesteps, c.train_max_timesteps)
+        timesteps = torch.full((original.shape[0],), t, device=original.device, dtype=torch.long)
+        noise = torch.randn(original.shape, generator=generator, device=original.device)
+        odd = step % 2 == 1
+        if odd and self.alt_ratio < 0:
+            original, target = noise, noise
+        reference_side, trained_side = (target, original) if odd else (original, target)
+        schedule = self.objective.schedule
+        original_cond, target_cond = conds
+        with torch.no_grad(), self.network.multiplier(0.0):
+            reference = self.bundle.predict(schedule.add_noise(reference_side, noise, timesteps), timesteps, original_cond)
+        strength = -TRAIN_STRENGTH * abs(self.alt_ratio) if odd else TRAIN_STRENGTH
+        with self.network.multiplier(strength):
+            prediction = self.bundle.predict(schedule.add_noise(trained_side, noise, timesteps), timesteps, target_cond)
+        return self.objective.loss(prediction, reference, timesteps, mask if c.diff_use_diff_mask else None)
+
+
+def train_addift(ctx: RunContext) -> TrainResult:
+    """Train and save an ADDifT LoRA from one original / target image pair."""
+    config = ctx.config
+    with prepared_model(ctx, config) as bundle:
+        generator = seeded_generator(config.resolved_seed(), bundle.device)
+        original, target, mask = encode_image_pair(bundle, Path(config.original_image), Path(config.target_image))
+        if config.diff_revert_original_target:
+            original, target = target, original
+        batch = config.train_batch_size
+        original, target = original.repeat(batch, 1, 1, 1), target.repeat(batch, 1, 1, 1)
+        with torch.no_grad():
+            conds = bundle.encode_text([config.original_prompt, config.target_prompt]).detach()
+        pair = (conds.select(slice(0, 1)).repeat(batch), conds.select(slice(1, 2)).repeat(batch))
+        network = build_network(ctx, config, text_encoder=False)
+        difference = DifferenceObjective(bundle, network, Objective(bundle, config), config.diff_alt_ratio)
+
+        def step_loss(index: int) -> torch.Tensor:
+            return difference.loss(index, original, target, pair, generator, mask)
+
+        return train_network(ctx, config, network, step_loss, stem=config.effective_name)
+
+
+def train_multi_addift(ctx: RunContext) -> TrainResult:
+    """Train and save a Multi-ADDifT LoRA from a folder of pairs matched by the `diff target name` suffix."""
+    config = ctx.config
+    pairs = load_pair_dataset(Path(config.lora_data_directory), config.diff_target_name, data_options(config))
+    with prepared_model(ctx, config) as bundle:
+        generator = seeded_generator(config.resolved_seed(), bundle.device)
+        sampler = torch.Generator().manual_seed(config.resolved_seed())  # batches are drawn on the CPU
+        with torch.no_grad():
+            dataset = PairedLatentDataset.build(pairs, bundle.encode_images)
+        del pairs
+        network = build_network(ctx, config, text_encoder=False)
+        prompts = PromptCache(bundle, dataset.prompts, live=False)
+        difference = DifferenceObjective(bundle, network, Objective(bundle, config), config.diff_alt_ratio)
+
+        def step_loss(index: int) -> torch.Tensor:
+            batch = dataset.sample_batch(config.train_batch_size, sampler)
+            original, target = batch.original_latents.to(bundle.device), batch.target_latents.to(bundle.device)
+            conds = (prompts(batch.original_prompts), prompts(batch.target_prompts))
+            if config.diff_revert_original_target:
+                original, target, conds = target, original, conds[::-1]
+            mask = None if batch.masks is None else batch.masks.to(bundle.device)
+            return difference.loss(index, original, target, conds, generator, mask)
+
+        return train_network(ctx, config, network, step_loss, stem=config.effective_name)

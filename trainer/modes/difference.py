@@ -1,0 +1,123 @@
+"""Difference: a 1st pass learns a "copy machine" of the original image; a 2nd pass, with it applied, learns only
+the difference to the target. The saved result is the 2nd-pass LoRA: a slider from original to target."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from trainer.config import TrainConfig, sanitize_name
+from trainer.errors import TrainTrainError
+from trainer.models.bundle import Conditioning, ModelBundle
+from trainer.modes.common import (
+    Objective,
+    RunContext,
+    TrainResult,
+    build_network,
+    load_network_file,
+    prepared_model,
+    seeded_generator,
+    train_network,
+)
+from trainer.modes.images import encode_image_pair
+from trainer.networks.network import Network
+
+# Settings the 2nd-pass panel does not show: they always come from the 1st pass.
+PASS1_ONLY_FIELDS = (
+    "mode",
+    "model",
+    "vae",
+    "save_lora_name",
+    "save_overwrite",
+    "save_as_json",
+    "save_on_stop",
+    "logging_save_csv",
+    "logging_verbose",
+    "original_prompt",
+    "target_prompt",
+    "original_image",
+    "target_image",
+    "train_model_precision",
+    "train_VAE_precision",
+    "model_v_pred",
+)
+
+
+def second_pass_config(config: TrainConfig) -> TrainConfig:
+    """The 2nd pass's settings: the 2nd-pass panel when `use 2nd pass settings`, else the 1st pass's."""
+    if not (config.use_2nd_pass_settings and config.second_pass is not None):
+        return config
+    shared = {name: getattr(config, name) for name in PASS1_ONLY_FIELDS}
+    return dataclasses.replace(config.second_pass, **shared, second_pass=None, use_2nd_pass_settings=False)
+
+
+def find_first_pass_file(ctx: RunContext, name: str) -> Path:
+    """`diff load 1st pass`: a path, or a file name searched recursively in the Lora folder (.safetensors added)."""
+    direct = Path(name)
+    if direct.suffix == ".safetensors" and direct.is_file():
+        return direct
+    stem = sanitize_name(Path(name).stem if name.endswith(".safetensors") else name)
+    for path in sorted(Path(ctx.dirs.lora).rglob(f"{stem}.safetensors")):
+        return path
+    raise TrainTrainError(f"No copy machine {stem}.safetensors in {ctx.dirs.lora}: check 'diff load 1st pass'.")
+
+
+def _reproduce(bundle: ModelBundle, objective: Objective, generator: torch.Generator, latents: torch.Tensor,
+               cond: Conditioning):
+    """A step loss that teaches the model to denoise `latents` (standard ε / v objective)."""
+
+    def step_loss(_index: int) -> torch.Tensor:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        timesteps = objective.timesteps(latents.shape[0], generator)
+        noisy = objective.schedule.add_noise(latents, noise, timesteps)
+        prediction = bundle.predict(noisy, timesteps, cond)
+        return objective.loss(prediction, objective.schedule.target(latents, noise, timesteps), timesteps)
+
+    return step_loss
+
+
+def train_difference(ctx: RunContext) -> TrainResult:
+    """Pass 1 (copy machine, or loaded from a file), then pass 2 on the target with the copy machine applied."""
+    config = ctx.config
+    second = second_pass_config(config)
+    name = config.effective_name
+    with prepared_model(ctx, config) as bundle:
+        original, target, _ = encode_image_pair(bundle, Path(config.original_image), Path(config.target_image))
+        with torch.no_grad():
+            cond = bundle.encode_text([config.original_prompt]).detach()
+        first: TrainResult | None = None
+        if config.diff_load_1st_pass:
+            copier = load_network_file(ctx, config, find_first_pass_file(ctx, config.diff_load_1st_pass))
+        else:
+            generator = seeded_generator(config.resolved_seed(), bundle.device)
+            copier = build_network(ctx, config, text_encoder=False)
+            latents = original.repeat(config.train_batch_size, 1, 1, 1)
+            step_loss = _reproduce(bundle, Objective(bundle, config), generator, latents, cond.repeat(latents.shape[0]))
+            save_copy = config.diff_save_1st_pass or config.diff_1st_pass_only
+            first = train_network(
+                ctx, config, copier, step_loss, stem=f"{name}_copy", phase="1st pass", save_final=save_copy
+            )
+            if first.stopped or config.diff_1st_pass_only:
+                return first
+        result = _second_pass(ctx, second, copier, target, cond)
+        if first is not None:
+            result.extra_files = first.extra_files + result.extra_files
+        return result
+
+
+def _second_pass(
+    ctx: RunContext, config: TrainConfig, copier: Network, target: torch.Tensor, cond: Conditioning
+) -> TrainResult:
+    """Train a new LoRA on the target with the frozen copy machine applied at full strength."""
+    bundle = ctx.bundle
+    for param in copier.parameters():
+        param.requires_grad_(False)
+    copier.set_multiplier(1.0)
+    generator = seeded_generator(config.resolved_seed(), bundle.device)
+    with copier.applied():
+        network = build_network(ctx, config, text_encoder=False)
+        latents = target.repeat(config.train_batch_size, 1, 1, 1)
+        step_loss = _reproduce(bundle, Objective(bundle, config), generator, latents, cond.repeat(latents.shape[0]))
+        return train_network(ctx, config, network, step_loss, stem=config.effective_name, phase="2nd pass")
