@@ -1,0 +1,47 @@
+"""WebUI entry point: registers the TrainTrain tab and its setting.
+
+The WebUI runs this file with the extension folder on sys.path only while importing it, so the `trainer` package
+is imported here at the top (its submodules load later through the cached package), and the extension folder is
+read now, before `scripts.basedir()` changes (webui.md §1.1). The UI and the training stack load when the tab is
+built; the WebUI adds `style.css` and `javascript/` to the page itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modules import script_callbacks, scripts, shared
+
+from trainer.models import webui
+
+EXTENSION_DIR = Path(scripts.basedir())
+TAB_TITLE, TAB_ID = "TrainTrain", "traintrain"
+SETTINGS_SECTION = ("traintrain", "TrainTrain")
+
+
+def on_ui_tabs() -> list[tuple]:
+    """The TrainTrain tab: the shared UI over the WebUI's model, its checkpoint and VAE lists and its Lora folder."""
+    from trainer.modes import OutputDirs
+    from trainer.ui.app import build_ui
+
+    dirs = OutputDirs(lora=webui.lora_dir(), logs=EXTENSION_DIR / "logs", jsons=EXTENSION_DIR / "jsons")
+    blocks = build_ui(
+        webui.WebUIModelProvider(),
+        dirs,
+        EXTENSION_DIR / "presets",
+        EXTENSION_DIR / "queue.json",
+        model_choices=webui.checkpoint_choices,
+        vae_choices=webui.vae_choices,
+    )
+    return [(blocks, TAB_TITLE, TAB_ID)]
+
+
+def on_ui_settings() -> None:
+    """Settings > TrainTrain: the folder trained LoRAs go to."""
+    label = "Folder for trained LoRAs (empty: the WebUI's Lora folder, --lora-dir)"
+    option = shared.OptionInfo("", label, section=SETTINGS_SECTION).needs_reload_ui()
+    shared.opts.add_option(webui.LORA_DIR_OPTION, option)
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(on_ui_settings)
