@@ -96,6 +96,20 @@ def _text_encoders(kind: ModelKind) -> tuple[list[torch.nn.Module], list[Any]]:
     return [te1, te2], [clip_l, open_clip]
 
 
+def _like_a_trained_vae(vae: AutoencoderKL) -> AutoencoderKL:
+    """Give the random VAE a trained VAE's statistics: a narrow posterior (std ≈ 0.002, so the encoding is the image,
+    not sampling noise) and means that, times the scaling factor, have unit variance on images (as SD's 0.18215 does)."""
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:].zero_()
+        vae.quant_conv.bias[channels:].fill_(-12.0)
+        probe = torch.rand(4, 3, 64, 64) * 2 - 1
+        spread = vae.encode(probe).latent_dist.mean.std() * vae.config.scaling_factor
+        vae.quant_conv.weight[:channels] /= spread
+        vae.quant_conv.bias[:channels] /= spread
+    return vae
+
+
 def build_tiny_components(kind: ModelKind = "sd1", seed: int = 0) -> Components:
     """Random tiny components of `kind`; the same seed gives bit-identical weights (the global RNG is left untouched)."""
     if kind not in KINDS:
@@ -103,7 +117,7 @@ def build_tiny_components(kind: ModelKind = "sd1", seed: int = 0) -> Components:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**_UNET_COMMON, **_UNET[kind])
-        vae = AutoencoderKL(**_VAE, scaling_factor=SCALING_FACTOR[kind])
+        vae = _like_a_trained_vae(AutoencoderKL(**_VAE, scaling_factor=SCALING_FACTOR[kind]))
         encoders, tokenizers = _text_encoders(kind)
     for module in (unet, vae, *encoders):
         module.eval()
