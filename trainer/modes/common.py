@@ -18,7 +18,7 @@ from trainer.diffusion import NoiseSchedule, weighted_loss
 from trainer.files import inside, output_path
 from trainer.loop import LoopResult, LoopSettings, StepLoss, run_loop
 from trainer.models.bundle import BASE_MODEL_VERSION, ModelBundle
-from trainer.networks.kohya_io import PRECISIONS, load_into, module_names, read_network_file, save_network
+from trainer.networks.kohya_io import PRECISIONS, network_from_file, save_network
 from trainer.networks.kohya_io import training_metadata
 from trainer.networks.network import TEXT_BLOCK, Network, NetworkSpec
 from trainer.progress import ProgressCallback, StopFlag
@@ -97,13 +97,10 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 def build_network(ctx: RunContext, config: TrainConfig, *, text_encoder: bool) -> Network:
     """Create the pass's network (or resume one from `network_resume`), on the model's device."""
     targets = ctx.bundle.lora_targets()
-    spec = network_spec(config, text_encoder=text_encoder)
     if config.network_resume:
-        tensors, _ = read_network_file(Path(config.network_resume))
-        network = Network.build(spec, targets, only=module_names(tensors))
-        load_into(network, tensors)
+        network = network_from_file(Path(config.network_resume), targets)
     else:
-        network = Network.build(spec, targets)
+        network = Network.build(network_spec(config, text_encoder=text_encoder), targets)
     if config.logging_verbose:
         log.info("Network: %d modules (%s)", len(network.adapters), ", ".join(list(network.adapters)[:5]) + ", …")
     return network.to_device(ctx.bundle.device, lora_dtype(config))
@@ -111,11 +108,7 @@ def build_network(ctx: RunContext, config: TrainConfig, *, text_encoder: bool) -
 
 def load_network_file(ctx: RunContext, config: TrainConfig, path: Path) -> Network:
     """A network with exactly the modules and weights of a saved file (e.g. a Difference copy machine)."""
-    tensors, _ = read_network_file(path)
-    spec = network_spec(config, text_encoder=False)
-    network = Network.build(spec, ctx.bundle.lora_targets(), only=module_names(tensors))
-    load_into(network, tensors)
-    return network.to_device(ctx.bundle.device, lora_dtype(config))
+    return network_from_file(path, ctx.bundle.lora_targets()).to_device(ctx.bundle.device, lora_dtype(config))
 
 
 def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
@@ -265,7 +258,10 @@ def train_network(
 
 @contextlib.contextmanager
 def prepared_model(ctx: RunContext, config: TrainConfig) -> Iterator[ModelBundle]:
-    """The model ready for training (frozen, on its device, gradient checkpointing as configured), restored after."""
+    """The model ready for training (frozen, on its device, gradient checkpointing as configured), restored after.
+
+    The global RNG is seeded first, so VAE encodings (which sample the posterior) are reproducible too."""
+    torch.manual_seed(config.resolved_seed())
     with ctx.bundle.training():
         ctx.bundle.set_gradient_checkpointing(config.use_gradient_checkpointing)
         try:

@@ -3,7 +3,6 @@ the difference to the target. The saved result is the 2nd-pass LoRA: a slider fr
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -24,33 +23,12 @@ from trainer.modes.common import (
 from trainer.modes.images import encode_image_pair
 from trainer.networks.network import Network
 
-# Settings the 2nd-pass panel does not show: they always come from the 1st pass.
-PASS1_ONLY_FIELDS = (
-    "mode",
-    "model",
-    "vae",
-    "save_lora_name",
-    "save_overwrite",
-    "save_as_json",
-    "save_on_stop",
-    "logging_save_csv",
-    "logging_verbose",
-    "original_prompt",
-    "target_prompt",
-    "original_image",
-    "target_image",
-    "train_model_precision",
-    "train_VAE_precision",
-    "model_v_pred",
-)
-
-
 def second_pass_config(config: TrainConfig) -> TrainConfig:
-    """The 2nd pass's settings: the 2nd-pass panel when `use 2nd pass settings`, else the 1st pass's."""
-    if not (config.use_2nd_pass_settings and config.second_pass is not None):
-        return config
-    shared = {name: getattr(config, name) for name in PASS1_ONLY_FIELDS}
-    return dataclasses.replace(config.second_pass, **shared, second_pass=None, use_2nd_pass_settings=False)
+    """The 2nd pass's settings: the 2nd-pass panel when `use 2nd pass settings` (it already carries every setting the
+    panel hides from pass 1), else the 1st pass's."""
+    if config.use_2nd_pass_settings and config.second_pass is not None:
+        return config.second_pass
+    return config
 
 
 def find_first_pass_file(ctx: RunContext, name: str) -> Path:

@@ -1,0 +1,213 @@
+"""iLECO, Difference, ADDifT and Multi-ADDifT on the tiny SD1 model: each LoRA does what its mode promises.
+
+The checks measure the model's predictions on held-out noise (not the training samples), with the LoRA read back from
+the saved file. On a random-weight tiny model only the direction of an image difference is learnable (most of it depends
+on the noise), so the image modes assert the direction of the shift, iLECO the distance to the target prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from trainer.config import TrainConfig
+from trainer.diffusion import NoiseSchedule
+from trainer.errors import TrainTrainError
+from trainer.models.tiny import build_tiny
+from trainer.modes import OutputDirs, RunContext, run_training
+from trainer.modes.addift import ladder_timestep
+from trainer.modes.images import encode_image_pair
+from trainer.networks.kohya_io import network_from_file
+
+FAST = dict(
+    save_overwrite=True,
+    logging_save_csv=False,
+    train_model_precision="fp32",
+    save_precision="fp32",
+    train_seed=0,
+    network_rank=8,
+    network_alpha=8,
+    train_lr_scheduler="constant",
+)
+
+
+def circle(path: Path, color: tuple[int, int, int], box=(12, 12, 52, 52), size=(64, 64)) -> str:
+    image = Image.new("RGB", size, (255, 255, 255))
+    ImageDraw.Draw(image).ellipse(box, fill=color)
+    image.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("pair")
+    return circle(folder / "original.png", (220, 30, 30)), circle(folder / "target.png", (30, 60, 220))
+
+
+def run(tmp: Path, config: TrainConfig):
+    return run_training(RunContext(config, build_tiny("sd1"), OutputDirs(tmp / "Lora", tmp / "logs", tmp / "jsons")))
+
+
+def shift_toward_target(lora_path: Path, original: str, target: str, strength: float) -> tuple[float, float]:
+    """(mean cosine between the LoRA's shift of the prediction on the noised original and the base model's
+    target-minus-original prediction; the shift of the x0 estimate projected on target - original latents)."""
+    bundle = build_tiny("sd1")
+    network = network_from_file(lora_path, bundle.lora_targets())
+    with torch.no_grad():
+        o, t, _ = encode_image_pair(bundle, Path(original), Path(target))
+        schedule = NoiseSchedule(bundle.alphas_cumprod, bundle.prediction)
+        timesteps = torch.tensor([550, 650, 750, 850, 950] * 8)
+        n = len(timesteps)
+        noise = torch.randn((n, *o.shape[1:]), generator=torch.Generator().manual_seed(123))
+        x_o, x_t = schedule.add_noise(o.repeat(n, 1, 1, 1), noise, timesteps), schedule.add_noise(t.repeat(n, 1, 1, 1), noise, timesteps)
+        cond = bundle.encode_text([""]).repeat(n)
+        base_o, base_t = bundle.predict(x_o, timesteps, cond), bundle.predict(x_t, timesteps, cond)
+        with network.applied(), network.multiplier(strength):
+            lora_o = bundle.predict(x_o, timesteps, cond)
+    shift = (lora_o - base_o).flatten(1)
+    cosine = F.cosine_similarity(shift, (base_t - base_o).flatten(1)).mean().item()
+    sigma_over_alpha = ((1 - bundle.alphas_cumprod[timesteps]) / bundle.alphas_cumprod[timesteps]).sqrt()
+    x0_shift = -(lora_o - base_o).flatten(1) * sigma_over_alpha[:, None]
+    direction = (t - o).flatten()
+    projection = (x0_shift @ direction / direction.dot(direction)).mean().item()
+    return cosine, projection
+
+
+def test_ileco_makes_the_original_prompt_predict_the_target(tmp_path) -> None:
+    config = TrainConfig(
+        mode="iLECO", original_prompt="a red apple", target_prompt="a blue car", save_lora_name="ileco",
+        train_iterations=100, train_batch_size=2, image_size=(64, 64), train_learning_rate=3e-3, **FAST,
+    )
+    result = run(tmp_path, config)
+    bundle = build_tiny("sd1")
+    network = network_from_file(result.path, bundle.lora_targets())
+    assert not any(name.startswith("lora_te") for name in network.adapters), "iLECO trains the UNet only"
+    with torch.no_grad():
+        n = 16
+        timesteps = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(7))
+        latents = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(8))
+        original, target = (bundle.encode_text([p]).repeat(n) for p in ("a red apple", "a blue car"))
+        base_original, base_target = bundle.predict(latents, timesteps, original), bundle.predict(latents, timesteps, target)
+        with network.applied():
+            lora_original = bundle.predict(latents, timesteps, original)
+    before = (base_original - base_target).pow(2).mean()
+    after = (lora_original - base_target).pow(2).mean()
+    assert after < 0.2 * before, f"distance to the target prediction should drop a lot: {before:.2e} -> {after:.2e}"
+
+
+def test_ileco_empty_target_erases_toward_unconditional(tmp_path) -> None:
+    config = TrainConfig(
+        mode="iLECO", original_prompt="a red apple", target_prompt="", save_lora_name="erase",
+        train_iterations=40, train_batch_size=2, image_size=(64, 64), train_learning_rate=3e-3, **FAST,
+    )
+    result = run(tmp_path, config)
+    assert result.last_loss < result.first_loss and result.path.exists()
+
+
+def test_ladder_timesteps_match_the_original_schedule() -> None:
+    ladder = [ladder_timestep(step, 500, 1000) for step in range(12)]
+    assert ladder == [550, 550, 650, 650, 750, 750, 850, 850, 950, 950, 550, 550]
+    assert ladder_timestep(8, 0, 1000) == 900 and ladder_timestep(0, 200, 400) == 220
+
+
+def addift_config(original: str, target: str, **changes) -> TrainConfig:
+    settings = dict(
+        mode="ADDifT", original_image=original, target_image=target, save_lora_name="addift", train_iterations=60,
+        train_batch_size=1, train_learning_rate=3e-3, train_min_timesteps=500, train_max_timesteps=1000, **FAST,
+    )
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_addift_moves_predictions_on_the_original_toward_the_target(pair, tmp_path) -> None:
+    started = time.perf_counter()
+    result = run(tmp_path / "a", addift_config(*pair))
+    seconds = time.perf_counter() - started
+    cosine, _ = shift_toward_target(result.path, *pair, strength=-0.25)
+    assert cosine > 0.1, f"at the odd-step strength the original's prediction moves toward the target's ({cosine:.3f})"
+    _, projection = shift_toward_target(result.path, *pair, strength=1.0)
+    assert projection > 0, f"at weight 1 the denoised estimate moves toward the target ({projection:.4f})"
+    reverted = run(tmp_path / "b", addift_config(*pair, diff_revert_original_target=True))
+    assert shift_toward_target(reverted.path, *pair, strength=-0.25)[0] < -0.1, "revert swaps the direction"
+    logging.getLogger(__name__).info("ADDifT 60 steps: %.1f s", seconds)
+
+
+def difference_config(original: str, target: str, **changes) -> TrainConfig:
+    settings = dict(
+        mode="Difference", original_image=original, target_image=target, save_lora_name="diff",
+        train_iterations=100, train_batch_size=2, train_learning_rate=5e-3, **FAST,
+    )
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_difference_second_pass_moves_the_original_toward_the_target(pair, tmp_path) -> None:
+    result = run(tmp_path, difference_config(*pair, diff_save_1st_pass=True))
+    assert result.path.name == "diff.safetensors"
+    assert (tmp_path / "Lora" / "diff_copy.safetensors").exists(), "diff save 1st pass keeps the copy machine"
+    cosine, _ = shift_toward_target(result.path, *pair, strength=1.0)
+    assert cosine > 0.08, f"the 2nd-pass LoRA shifts the original's prediction toward the target's ({cosine:.3f})"
+
+
+def test_difference_loaded_first_pass_gives_the_same_second_pass(pair, tmp_path) -> None:
+    trained = run(tmp_path, difference_config(*pair, train_iterations=6, diff_save_1st_pass=True))
+    loaded = run(tmp_path, difference_config(*pair, train_iterations=6, save_lora_name="again", diff_load_1st_pass="diff_copy"))
+    assert len(trained.losses) == 6 and trained.losses == loaded.losses
+
+
+def test_difference_second_pass_settings_are_used(pair, tmp_path) -> None:
+    config = difference_config(*pair, train_iterations=4, use_2nd_pass_settings=True)
+    config.second_pass = dataclasses.replace(config, network_rank=4, network_alpha=4, train_iterations=3)
+    config = TrainConfig.from_json_dict(config.to_json_dict())
+    result = run(tmp_path, config)
+    network = network_from_file(result.path, build_tiny("sd1").lora_targets())
+    assert result.steps == 3 and all(a.rank == 4 for a in network.adapters.values())
+
+
+def test_difference_first_pass_only_saves_the_copy_machine(pair, tmp_path) -> None:
+    result = run(tmp_path, difference_config(*pair, train_iterations=3, diff_1st_pass_only=True))
+    assert result.path.name == "diff_copy.safetensors" and not (tmp_path / "Lora" / "diff.safetensors").exists()
+
+
+def test_difference_refuses_images_of_different_sizes(pair, tmp_path) -> None:
+    other = circle(tmp_path / "big.png", (30, 60, 220), size=(96, 64))
+    with pytest.raises(TrainTrainError, match="same size"):
+        run(tmp_path, difference_config(pair[0], other, train_iterations=2))
+
+
+@pytest.fixture(scope="module")
+def pair_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pairs")
+    for i, color in enumerate([(220, 30, 30), (30, 180, 60), (230, 200, 20)]):
+        circle(folder / f"img{i}.png", color)
+        circle(folder / f"img{i}_small.png", color, box=(24, 24, 40, 40))
+        (folder / f"img{i}.txt").write_text("a big circle")
+    circle(folder / "lonely.png", (0, 0, 0))
+    return folder
+
+
+def test_multi_addift_trains_on_matched_pairs(pair_folder, tmp_path) -> None:
+    config = TrainConfig(
+        mode="Multi-ADDifT", lora_data_directory=str(pair_folder), diff_target_name="_small", lora_trigger_word="tt",
+        image_size=(64, 64), image_min_length=64, image_buckets_step=64, save_lora_name="multi",
+        train_iterations=60, train_batch_size=3, train_learning_rate=3e-3, train_min_timesteps=500,
+        train_max_timesteps=1000, **FAST,
+    )
+    result = run(tmp_path, config)
+    assert result.steps == 60 and result.path.exists()
+    cosine, _ = shift_toward_target(result.path, str(pair_folder / "img0.png"), str(pair_folder / "img0_small.png"), -0.25)
+    assert cosine > 0.1, f"the LoRA learned the original -> target direction of the pairs ({cosine:.3f})"
+
+
+def test_multi_addift_without_pairs_is_a_clear_error(pair_folder, tmp_path) -> None:
+    config = TrainConfig(
+        mode="Multi-ADDifT", lora_data_directory=str(pair_folder), diff_target_name="_nothing", image_size=(64, 64),
+        image_min_length=64, image_buckets_step=64, train_iterations=2, **FAST,
+    )
+    with pytest.raises(TrainTrainError):
+        run(tmp_path, config)
