@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 
 from trainer.errors import TrainTrainError
 from trainer.files import atomic_path
-from trainer.networks.modules import LoHaModule, LoRAModule
-from trainer.networks.network import Network
+from trainer.models.bundle import LoraTarget
+from trainer.networks.modules import ADAPTERS, AdapterModule, LoHaModule, LoRAModule
+from trainer.networks.network import Network, NetworkSpec
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "model": torch.float16}
 
@@ -86,15 +87,38 @@ def load_into(network: Network, tensors: dict[str, torch.Tensor]) -> None:
             raise TrainTrainError(f"The LoRA file does not fit this network at {name}: {error}.") from error
 
 
-def file_spec_values(tensors: dict[str, torch.Tensor]) -> tuple[str, int, float]:
-    """(adapter kind 'lora'|'loha', rank, alpha) read from the first module of a file."""
-    name = sorted(module_names(tensors))[0]
-    alpha = float(tensors[f"{name}.alpha"])
+def _adapter_shape(tensors: dict[str, torch.Tensor], name: str) -> tuple[str, int, float]:
+    """(adapter kind 'lora'|'loha', rank, alpha) of one module of a file; no alpha means alpha = rank."""
     if f"{name}.hada_w1_a" in tensors:
-        return "loha", int(tensors[f"{name}.hada_w1_a"].shape[1]), alpha
-    if f"{name}.lora_down.weight" in tensors:
-        return "lora", int(tensors[f"{name}.lora_down.weight"].shape[0]), alpha
-    raise TrainTrainError(f"Unrecognised LoRA file: module {name} has neither lora_down nor hada_w1_a weights.")
+        kind, rank = "loha", int(tensors[f"{name}.hada_w1_a"].shape[1])
+    elif f"{name}.lora_down.weight" in tensors:
+        kind, rank = "lora", int(tensors[f"{name}.lora_down.weight"].shape[0])
+    else:
+        raise TrainTrainError(f"Unrecognised LoRA file: module {name} has neither lora_down nor hada_w1_a weights.")
+    alpha = tensors.get(f"{name}.alpha")
+    return kind, rank, float(alpha) if alpha is not None else float(rank)
+
+
+def network_from_file(path: Path, targets: list[LoraTarget]) -> Network:
+    """A network with exactly the modules, ranks, alphas and weights of a saved file (resume, copy machine)."""
+    tensors, _ = read_network_file(path)
+    layers = {t.name: t.module for t in targets}
+    names = sorted(module_names(tensors))
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise TrainTrainError(
+            f"{Path(path).name} does not fit this model ({len(unknown)} unknown modules, e.g. {unknown[0]}): "
+            "it was made for another model family."
+        )
+    adapters: dict[str, AdapterModule] = {}
+    for name in names:
+        kind, rank, alpha = _adapter_shape(tensors, name)
+        adapters[name] = ADAPTERS[kind](layers[name], rank, alpha)
+    kind, rank, alpha = _adapter_shape(tensors, names[0])
+    spec = NetworkSpec("loha" if kind == "loha" else "c3lier", rank=rank, alpha=alpha)
+    network = Network(spec, adapters, {n: layers[n] for n in names})
+    load_into(network, tensors)
+    return network
 
 
 def training_metadata(
