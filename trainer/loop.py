@@ -15,7 +15,7 @@ import torch
 from trainer.csvlog import CsvLog
 from trainer.errors import TrainTrainError
 from trainer.networks.network import Network
-from trainer.optim import build_optimizer, build_scheduler, current_lrs
+from trainer.optim import build_optimizer, build_scheduler, current_lrs, is_schedule_free, needs_metric
 from trainer.progress import Progress, ProgressCallback, StopFlag
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def run_loop(
     )
     device = next(network.parameters()).device
     scaler = _grad_scaler(settings.autocast_dtype, device)
-    if hasattr(optimizer, "train"):  # schedule-free optimizers keep separate train / eval weights
+    if is_schedule_free(optimizer):  # schedule-free optimizers keep separate train / eval weights
         optimizer.train()
     result = LoopResult(steps=0)
     pending: list[tuple[int, torch.Tensor, list[float]]] = []
@@ -126,8 +126,10 @@ def run_loop(
             loss.backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            _step_scheduler(scheduler, loss)
+        if needs_metric(scheduler):
+            scheduler.step(float(loss.detach()))
+        elif scheduler is not None:
+            scheduler.step()
         step = index + 1
         result.steps = step
         pending.append((step, loss.detach(), lrs))
@@ -137,8 +139,8 @@ def run_loop(
         if periodic:
             save(f"_{step}steps", step)
     flush()
-    if hasattr(optimizer, "eval"):
-        optimizer.eval()
+    if is_schedule_free(optimizer):
+        optimizer.eval()  # the evaluation weights are the ones to save
     return result
 
 
@@ -152,10 +154,3 @@ def _grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.G
     if dtype is torch.float16 and device.type == "cuda":
         return torch.amp.GradScaler("cuda")
     return None
-
-
-def _step_scheduler(scheduler, loss: torch.Tensor) -> None:
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(float(loss.detach()))
-    else:
-        scheduler.step()

@@ -192,7 +192,7 @@ class LoraWriter:
                 "lr_scheduler_num_cycles": c.train_lr_scheduler_num_cycles,
                 "lr_scheduler_power": c.train_lr_scheduler_power,
                 "optimizer": c.train_optimizer,
-                "seed": c.train_seed,
+                "seed": c.resolved_seed(),
                 "min_snr_gamma": c.train_snr_gamma,
                 "mixed_precision": c.train_model_precision,
                 "mode": c.mode,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from trainer.config_fields import ELEMENTS, NETWORK_TYPES
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import (
     ROLE_CROSS_ATTN,
@@ -20,8 +21,6 @@ from trainer.models.bundle import (
 )
 from trainer.networks.modules import ADAPTERS, AdapterModule
 
-NETWORK_TYPES = ("lierla", "c3lier", "loha")
-ELEMENTS = ("Full", "CrossAttention", "SelfAttention")
 TEXT_BLOCK = "BASE"
 
 
@@ -35,7 +34,7 @@ class NetworkSpec:
     conv_rank: int = 0  # 0 = rank
     conv_alpha: float = 0.0  # 0 = alpha
     element: str = "Full"
-    blocks: list[str] = field(default_factory=list)  # empty = every block
+    blocks: list[str] | None = None  # None = every block; [] = none (only BASE ticked in a UNet-only mode)
 
     def check(self) -> None:
         """Refuse combinations that cannot be built, with a message saying what to change."""
@@ -52,7 +51,7 @@ class NetworkSpec:
 
     def accepts(self, target: LoraTarget) -> bool:
         """Whether this spec trains the target module."""
-        if self.blocks and target.block not in self.blocks:
+        if self.blocks is not None and target.block not in self.blocks:
             return False
         if self.element == "CrossAttention":
             return target.role == ROLE_CROSS_ATTN
@@ -100,7 +99,8 @@ class Network(nn.Module):
             layers[target.name] = target.module
         if not adapters:
             raise TrainTrainError(
-                "No layer matches the chosen network blocks / element: tick more blocks or use network element Full."
+                "No layer matches the chosen network blocks / element: tick more blocks (BASE, the text encoder, is "
+                "trained in LoRA mode only) or use network element Full."
             )
         return cls(spec, adapters, layers)
 
