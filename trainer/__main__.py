@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,23 @@ def _tqdm_progress():
     return update
 
 
+def _stop_on_ctrl_c(save: bool):
+    """A stop flag the first Ctrl-C sets (the run stops after its step, saving what it has when `save`); a second one
+    aborts."""
+    from trainer.progress import StopFlag
+
+    stop = StopFlag()
+
+    def handler(_signum, _frame) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        print("\nStopping after this step (Ctrl-C again to abort)…", file=sys.stderr)
+        stop.request(save=save)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
 def _train(config_path: str, model: str | None, out: str | None) -> int:
     from trainer.config import TrainConfig
     from trainer.models.open import open_model
@@ -49,7 +67,8 @@ def _train(config_path: str, model: str | None, out: str | None) -> int:
     bundle = open_model(
         config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
     )
-    result = run_training(RunContext(config, bundle, _dirs(out), progress=_tqdm_progress()))
+    stop = _stop_on_ctrl_c(config.save_on_stop)
+    result = run_training(RunContext(config, bundle, _dirs(out), progress=_tqdm_progress(), stop=stop))
     print(result.message)
     print(f"first loss {result.first_loss:.5f}, last loss {result.last_loss:.5f}, steps {result.steps}")
     return 0

@@ -115,22 +115,28 @@ def run_loop(
         if stop is not None and stop.requested:
             result.stopped = True
             break
-        with _autocast(settings.autocast_dtype, device):
-            loss = step_loss(index)
-        lrs = current_lrs(optimizer)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        step = index + 1
+        try:
+            with _autocast(settings.autocast_dtype, device):
+                loss = step_loss(index)
+            lrs = current_lrs(optimizer)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+        except torch.cuda.OutOfMemoryError as error:
+            raise TrainTrainError(
+                f"Out of GPU memory at step {step}: turn on gradient checkpointing, or lower the batch size, image "
+                "size or network rank."
+            ) from error
         optimizer.zero_grad(set_to_none=True)
         if needs_metric(scheduler):
             scheduler.step(float(loss.detach()))
         elif scheduler is not None:
             scheduler.step()
-        step = index + 1
         result.steps = step
         pending.append((step, loss.detach(), lrs))
         periodic = settings.save_every > 0 and step % settings.save_every == 0 and step < settings.iterations

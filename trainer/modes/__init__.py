@@ -29,7 +29,6 @@ def run_training(ctx: RunContext) -> TrainResult:
         day = ctx.stamp.split("_")[0]
         path = inside(ctx.dirs.jsons, f"{day}/{config.effective_name}-{ctx.stamp}.json")
         atomic_write_text(path, json.dumps(config.to_json_dict(), indent=2))
-    ctx.stop.clear()
     notes = advice(config)
     for note in notes:
         log.warning(note)

@@ -170,7 +170,7 @@ class LoraWriter:
         self.saved: list[Path] = []
 
     def save(self, suffix: str, steps: int) -> Path:
-        """Save as `<stem><suffix>.safetensors` (atomic)."""
+        """Save as `<stem><suffix>.safetensors` (atomic); weights that became NaN / inf are refused, never written."""
         path = output_path(self.ctx.dirs.lora, self.stem + suffix, ".safetensors", self.config.save_overwrite)
         c = self.config
         metadata = training_metadata(
@@ -205,7 +205,7 @@ class LoraWriter:
             started_at=self.ctx.started_at,
             steps=steps,
         )
-        save_network(path, self.network, metadata, PRECISIONS[c.save_precision], c.network_strength)
+        save_network(path, self.network, metadata, PRECISIONS[c.save_precision], c.network_strength, steps)
         self.saved.append(path)
         log.info("Saved %s", path)
         return path

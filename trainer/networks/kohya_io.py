@@ -40,9 +40,18 @@ def network_tensors(network: Network, dtype: torch.dtype, strength: float = 1.0)
     return {k: v.to("cpu", dtype).contiguous() for k, v in tensors.items()}
 
 
-def save_network(path: Path, network: Network, metadata: dict[str, str], dtype: torch.dtype, strength: float) -> Path:
-    """Write the network atomically (temp file in the same folder, then rename) and return the path."""
+def save_network(
+    path: Path, network: Network, metadata: dict[str, str], dtype: torch.dtype, strength: float, steps: int = 0
+) -> Path:
+    """Write the network atomically (temp file in the same folder, then rename) and return the path.
+
+    Weights that are NaN / inf at the save precision are refused: a broken file never replaces a good one."""
     tensors = network_tensors(network, dtype, strength)
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise TrainTrainError(
+            f"The network weights became NaN or infinite (or too large for the save precision) by step {steps}: "
+            "training stopped and the last good save is kept. Lower the learning rate or the network alpha."
+        )
     try:
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)

@@ -1,0 +1,159 @@
+"""Bad input, interruption and faults never lose work: clear messages, no partial files, the last good save kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import trainer.networks.kohya_io as kohya_io
+from trainer.config import FIELDS, TrainConfig
+from trainer.demo import demo_config, write_sample_images
+from trainer.errors import TrainTrainError
+from trainer.models.tiny import build_tiny
+from trainer.modes import OutputDirs, RunContext, run_training
+from trainer.progress import StopFlag
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_sample_images(tmp_path_factory.mktemp("data") / "images")
+
+
+def dirs_in(tmp: Path) -> OutputDirs:
+    return OutputDirs(tmp / "Lora", tmp / "logs", tmp / "jsons")
+
+
+def config_for(images: Path, **changes) -> TrainConfig:
+    return dataclasses.replace(demo_config(images, iterations=6), logging_save_csv=False, **changes)
+
+
+def lora_files(tmp: Path) -> list[str]:
+    folder = tmp / "Lora"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_all_problems_reported_at_once_before_any_model_work(tmp_path) -> None:
+    config = TrainConfig(mode="LoRA", network_rank=0, train_learning_rate=-1, lora_data_directory=str(tmp_path / "no"))
+    with pytest.raises(TrainTrainError) as caught:
+        run_training(RunContext(config, build_tiny("sd1"), dirs_in(tmp_path)))
+    lines = str(caught.value).splitlines()
+    assert len(lines) >= 4, lines  # heading + rank + learning rate + data folder
+    assert any("rank" in line for line in lines) and any("learning rate" in line for line in lines)
+    assert lora_files(tmp_path) == []
+
+
+def test_save_name_is_kept_inside_the_lora_folder(images, tmp_path) -> None:
+    result = run_training(RunContext(config_for(images, save_lora_name="../../evil/..name"), build_tiny("sd1"), dirs_in(tmp_path)))
+    assert result.path.parent == (tmp_path / "Lora").resolve()
+    assert not (tmp_path / "evil").exists()
+
+
+def test_stop_saves_the_lora_so_far_as_step_file(images, tmp_path) -> None:
+    stop = StopFlag()
+
+    def progress(p) -> None:
+        if p.step == 3:
+            stop.request(save=True)
+
+    result = run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path), progress, stop))
+    assert result.stopped and result.steps == 3
+    assert lora_files(tmp_path) == ["demo-step3.safetensors"] and result.path.name == "demo-step3.safetensors"
+
+
+def test_stop_without_saving_writes_nothing(images, tmp_path) -> None:
+    stop = StopFlag()
+    stop.request(save=False)
+    result = run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path), None, stop))
+    assert result.stopped and result.path is None and lora_files(tmp_path) == []
+
+
+def test_nan_stops_with_a_message_and_keeps_the_last_good_save(images, tmp_path) -> None:
+    config = config_for(images, train_learning_rate=1e6, save_per_steps=1, train_optimizer="SGDNesterov")
+    with pytest.raises(TrainTrainError, match=r"(NaN|nan|inf).*step \d+"):
+        run_training(RunContext(config, build_tiny("sd1"), dirs_in(tmp_path)))
+    saved = lora_files(tmp_path)
+    assert "demo.safetensors" not in saved and not any(name.startswith(".") for name in saved)
+    for name in saved:  # whatever was saved before the blow-up is intact and finite
+        tensors, _ = kohya_io.read_network_file(tmp_path / "Lora" / name)
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_out_of_memory_is_a_clear_message(images, tmp_path, monkeypatch) -> None:
+    import trainer.modes.lora as lora_mode
+
+    calls = {"n": 0}
+    real = lora_mode.Objective.loss
+
+    def exploding(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(lora_mode.Objective, "loss", exploding)
+    with pytest.raises(TrainTrainError, match="Out of GPU memory at step 3: turn on gradient checkpointing"):
+        run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path)))
+    monkeypatch.undo()
+    result = run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path)))
+    assert result.path.exists(), "the next job runs normally"
+
+
+def test_disk_full_leaves_no_partial_file(images, tmp_path, monkeypatch) -> None:
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kohya_io, "save_file", full_disk)
+    with pytest.raises(TrainTrainError, match="No space left on device"):
+        run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path)))
+    assert lora_files(tmp_path) == [], "neither the final file nor a temp file is left behind"
+
+
+def test_unwritable_lora_folder_is_a_clear_error(images, tmp_path) -> None:
+    blocker = tmp_path / "Lora"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(TrainTrainError, match="Cannot write|Could not write|not a folder|exists"):
+        run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path)))
+
+
+def test_pickled_resume_file_is_refused(images, tmp_path) -> None:
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": torch.zeros(1)}, evil)
+    with pytest.raises(TrainTrainError, match="only .safetensors"):
+        run_training(RunContext(config_for(images, network_resume=str(evil)), build_tiny("sd1"), dirs_in(tmp_path)))
+
+
+def test_resume_continues_from_a_saved_lora(images, tmp_path) -> None:
+    first = run_training(RunContext(config_for(images, save_precision="fp32"), build_tiny("sd1"), dirs_in(tmp_path)))
+    resumed = run_training(
+        RunContext(config_for(images, network_resume=str(first.path), save_lora_name="more"), build_tiny("sd1"), dirs_in(tmp_path))
+    )
+    assert resumed.losses[0] < first.losses[0], "resuming starts from the trained weights, not from zero"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=5,
+)
+KEYS = st.sampled_from([spec.key for spec in FIELDS] + ["mode", "2nd pass", "unknown"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.dictionaries(KEYS, JSON_VALUES, max_size=6), name=st.text(max_size=40))
+def test_fuzzed_settings_only_ever_raise_train_train_error(tmp_path, data, name) -> None:
+    try:
+        config = TrainConfig.from_json_dict(json.loads(json.dumps(data)))
+        config.save_lora_name = name
+        config.validate()
+    except TrainTrainError:
+        return
+    target = (tmp_path / "Lora" / f"{config.effective_name}.safetensors").resolve()
+    assert target.parent == (tmp_path / "Lora").resolve()
