@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 TORCH = "torch==2.13.0"
 CLIP_VOCAB = "clip-anytorch==2.6.0"  # only for its BPE vocabulary file; installed without dependencies
+LDM = "stable-diffusion-sdkit==2.1.5"  # tests only: the WebUI's LDM model code (package `ldm`), without dependencies
 
 # What the trainer needs beside the WebUI's own packages (WebUI 1.10: transformers 4.30.2, huggingface_hub < 1).
 WEBUI_PACKAGES = {
@@ -73,6 +74,8 @@ def install_standalone(with_tests: bool) -> None:
         pip("--no-deps", CLIP_VOCAB)
     if with_tests:
         pip("-r", str(ROOT / "requirements-test.txt"))
+        if not installed("stable-diffusion-sdkit"):
+            pip("--no-deps", LDM)
 
 
 def main() -> None:

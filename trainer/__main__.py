@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer {train,demo} …`; a TrainTrainError prints its message and exits 2."""
+"""Command line: `python -m trainer {train,demo,ui} …`; a TrainTrainError prints its message and exits 2."""
 
 from __future__ import annotations
 
@@ -99,9 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train the tiny built-in model on generated images")
     demo.add_argument("--out", help="folder for demo.safetensors (default: ./output)")
     demo.add_argument("--iterations", type=int, default=80)
+    ui = sub.add_parser("ui", help="serve the TrainTrain UI in a browser (standalone gradio)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--model", default="tiny", help="what an empty Model box trains: checkpoint, diffusers folder or tiny")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "ui":
+            from trainer.ui.standalone import launch
+
+            launch(args.host, args.port, args.model)
+            return 0
         if args.command == "train":
             return _train(args.config, args.model, args.out)
         return _demo(args.out, args.iterations)

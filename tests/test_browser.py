@@ -1,0 +1,157 @@
+"""End to end in headless Chromium: the standalone UI trains the tiny model, shows progress, runs queued jobs in order.
+
+Needs Debian's chromium (/usr/bin/chromium) and the playwright package (never `playwright install`).
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from trainer.demo import write_sample_images
+
+CHROMIUM = os.environ.get("TRAINTRAIN_CHROMIUM", "/usr/bin/chromium")
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the browser test")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no browser at {CHROMIUM} (apt-get install chromium)"),
+]
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+HELPER = Path(__file__).with_name("browser_app.py")
+TIMEOUT_MS = 60_000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The standalone UI in a subprocess; yields (url, root folder)."""
+    root, port = tmp_path / "app", _free_port()
+    log = (tmp_path / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, str(HELPER), str(root), str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("the UI did not start:\n" + (tmp_path / "server.log").read_text())
+            time.sleep(0.5)
+    yield url, root
+    process.terminate()
+    process.wait(30)
+    log.close()
+
+
+@pytest.fixture
+def page(tmp_path):
+    with playwright.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000},
+        )  # fmt: skip
+        yield context.new_page()
+        context.close()
+
+
+def fill(page, key: str, value: str) -> None:
+    page.locator(f"#tt_{key} textarea, #tt_{key} input").first.fill(value)
+
+
+def choose(page, key: str, value: str) -> None:
+    box = page.locator(f"#tt_{key} input").first
+    box.click()
+    box.fill(value)
+    box.press("Enter")
+
+
+def status_text(page) -> str:
+    return page.locator("#tt_status .tt-status").inner_text()
+
+
+def wait_until(read, done, what: str):
+    """Call `read()` until `done(value)`; fail with the last value after the timeout."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        value = read()
+        if done(value):
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"never saw {what}; last saw {value!r}")
+
+
+def wait_for_status(page, text: str, seen: list[str]) -> None:
+    """Poll the status box (the page refreshes it itself) until it contains `text`; keep what it showed."""
+    wait_until(lambda: seen.append(status_text(page)) or seen[-1], lambda shown: text in shown, f"status {text!r}")
+
+
+def queue_text(page) -> str:
+    """The queue table's text as shown, row after row (table markup differs between gradio versions)."""
+    return page.locator("#tt_queue_table").inner_text()
+
+
+def test_train_and_queue_in_the_browser(server, page, tmp_path):
+    url, root = server
+    images = write_sample_images(tmp_path / "images")
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#tt_status .tt-status")
+    assert "Idle." in status_text(page)
+    assert page.evaluate("typeof window.traintrainRefreshStatus") == "function"  # javascript/traintrain.js is loaded
+
+    fill(page, "lora_data_directory", str(images))
+    fill(page, "image_size", "64")
+    fill(page, "image_min_length", "64")
+    choose(page, "image_buckets_step", "64")
+    fill(page, "train_iterations", "400")
+    fill(page, "train_batch_size", "1")
+    fill(page, "train_learning_rate", "1e-3")
+    fill(page, "save_lora_name", "browser")
+    page.locator("#tt_start").click()
+    page.wait_for_function("document.querySelector('#tt_message textarea').value.includes(\"Started 'browser'\")")
+    seen: list[str] = []
+    wait_for_status(page, "browser.safetensors", seen)
+    assert any("Training 'browser'" in text for text in seen)
+    steps = [text for text in seen if "step " in text and "/400" in text]
+    assert steps, f"no progress step was shown: {seen[-5:]}"
+    assert f"Successfully created {root / 'output' / 'browser.safetensors'}" in seen[-1]
+    assert (root / "output" / "browser.safetensors").is_file()
+    page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
+
+    fill(page, "train_iterations", "150")
+    for name in ("queued-1", "queued-2"):
+        fill(page, "save_lora_name", name)
+        page.locator("#tt_add_queue").click()
+        page.wait_for_function(f"document.querySelector('#tt_message textarea').value.includes(\"Added '{name}'\")")
+    page.locator(".tab-nav button, button[role='tab']", has_text=re.compile(r"^\s*Queue\s*$")).first.click()
+    page.locator("#tt_queue_run").click()
+    wait_until(lambda: queue_text(page), lambda text: "running" in text, "a running job in the queue table")
+    wait_for_status(page, "queued-2.safetensors", seen)
+    table = wait_until(lambda: queue_text(page), lambda text: text.count("done") == 3, "three finished jobs")
+    positions = [table.index(name) for name in ("queued-2", "queued-1", "browser")]  # each row names only its job
+    assert positions == sorted(positions)  # finished jobs are listed newest first: queued-1 ran before queued-2
+    first, second = (root / "output" / f"queued-{i}.safetensors" for i in (1, 2))
+    assert first.stat().st_mtime <= second.stat().st_mtime
+    page.screenshot(path=str(tmp_path / "queue.png"), full_page=True)
+    if os.environ.get("TRAINTRAIN_SCREENSHOTS"):
+        for shot in ("train.png", "queue.png"):
+            shutil.copy(tmp_path / shot, Path(os.environ["TRAINTRAIN_SCREENSHOTS"]) / shot)

@@ -1,0 +1,78 @@
+"""The few places where gradio 3.41 (the WebUI's) and gradio 4+ differ: image inputs, tables, page CSS and head."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gradio as gr
+
+GRADIO_MAJOR = int(gr.__version__.split(".")[0])
+
+
+def image_input(label: str, elem_id: str, visible: bool = True) -> gr.Image:
+    """An upload-only RGBA image input that hands a PIL image to handlers."""
+    source = {"source": "upload"} if GRADIO_MAJOR < 4 else {"sources": ["upload"]}
+    return gr.Image(label=label, type="pil", image_mode="RGBA", elem_id=elem_id, visible=visible, **source)
+
+
+def table(headers: list[str], elem_id: str, label: str, value: Callable[[], list], every: float) -> gr.Dataframe:
+    """A read-only table with these headers, refreshed from `value()` every `every` seconds while the page is open."""
+    size = {"max_rows": 50} if GRADIO_MAJOR < 4 else {"max_height": 400}
+    return gr.Dataframe(
+        value=value, every=every, headers=headers, label=label, interactive=False, wrap=True, elem_id=elem_id, **size
+    )
+
+
+def blocks(css: str) -> gr.Blocks:
+    """The Blocks container; gradio 3 takes the page CSS here, later versions at launch (see `launch_options`)."""
+    extra: dict[str, Any] = {"css": css} if GRADIO_MAJOR < 4 and css else {}
+    return gr.Blocks(analytics_enabled=False, title="TrainTrain", **extra)
+
+
+def launch_options(css: str, head: str) -> dict[str, Any]:
+    """Keyword arguments of `launch` for the page CSS and head (gradio 4+ only; see `add_head_to_pages`)."""
+    if GRADIO_MAJOR < 4:
+        return {}
+    import inspect
+
+    accepted = inspect.signature(gr.Blocks.launch).parameters
+    return {key: value for key, value in {"css": css, "head": head}.items() if key in accepted}
+
+
+def add_head_to_pages(head: str) -> None:
+    """gradio 3 has no `head` option: add `head` to the served page the way the WebUI adds extension scripts."""
+    if GRADIO_MAJOR >= 4:
+        return
+    import gradio.routes
+
+    original = gradio.routes.templates.TemplateResponse
+    if getattr(original, "traintrain_head", None) == head:
+        return
+
+    def template_response(*args: Any, **kwargs: Any):
+        response = original(*args, **kwargs)
+        response.body = response.body.replace(b"</head>", head.encode("utf-8") + b"</head>", 1)
+        response.init_headers()
+        return response
+
+    template_response.traintrain_head = head  # type: ignore[attr-defined]
+    gradio.routes.templates.TemplateResponse = template_response
+
+
+def enable_queue(blocks: gr.Blocks, workers: int = 4) -> None:
+    """Turn on the event queue (needed for polling) with a few events handled at once."""
+    if GRADIO_MAJOR < 4:
+        blocks.queue(concurrency_count=workers)
+    else:
+        blocks.queue(default_concurrency_limit=workers)
+
+
+def keep_polling_single(blocks: gr.Blocks) -> None:
+    """Stop a parent Blocks (the WebUI's) from attaching our `every=` polling a second time when it renders `blocks`.
+
+    gradio 3.41 and 4+ attach a component's polling when a Blocks closes, for every component inside it, and keep
+    the request on the component, so rendering our closed Blocks into another would poll twice as often.
+    """
+    for block in blocks.blocks.values():
+        if getattr(block, "load_event_to_attach", None):
+            block.load_event_to_attach = None
