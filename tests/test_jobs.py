@@ -221,3 +221,16 @@ def test_stop_ends_the_job_saves_as_asked_and_pauses_the_queue(make_queue, tiny_
     assert (len(saved) == 1 and saved[0].startswith("long-step")) if save else saved == []
     assert [(e.name, e.state) for e in queue.entries()] == [("waiting", "paused")]
     assert queue.stop(save=True) == "Nothing is training."
+
+
+def test_stop_can_let_the_queue_go_on(make_queue, tiny_provider, images):
+    queue = make_queue(RecordingProvider(tiny_provider))
+    reached = threading.Event()
+    queue.subscribe(lambda progress: progress.step >= 2 and reached.set())
+    queue.add(job(images, "next"))
+    queue.start(job(images, "long", iterations=2000))
+    assert reached.wait(WAIT)
+    assert "run next" in queue.stop(save=False, continue_queue=True)
+    assert queue.wait_idle(WAIT)
+    states = {entry.name: entry.state for entry in queue.status().results}
+    assert states == {"long": "stopped", "next": "done"} and queue.entries() == []

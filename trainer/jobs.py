@@ -138,17 +138,19 @@ class JobQueue:
             self._changed()
             return f"Running the queue ({len(self._pending)} job(s))."
 
-    def stop(self, save: bool | None = None) -> str:
-        """Stop the running job after its current step and pause the queue; `save` None follows its 'save on stop'."""
+    def stop(self, save: bool | None = None, continue_queue: bool = False) -> str:
+        """Stop the running job after its current step; the queue pauses unless `continue_queue`.
+
+        `save` None follows the job's 'save on stop'."""
         with self._lock:
-            self._paused = True
+            self._paused = not continue_queue
             self._changed()
             if self._current is None:
                 return "Nothing is training."
             save = self._current.save_on_stop if save is None else save
             self._stop.request(save=save)
             name, waiting = self._current.effective_name, len(self._pending)
-        after = f" {waiting} queued job(s) wait for Run queue." if waiting else ""
+        after = f" {waiting} queued job(s) " + ("run next." if continue_queue else "wait for Run queue.") if waiting else ""
         return f"Stopping {name!r}" + (" and saving what it has learned." if save else " without saving.") + after
 
     def remove(self, name: str) -> str:

@@ -56,6 +56,7 @@ class TrainTrainUI:
             self.save_stop_button = gr.Button("Stop and Save", variant="stop", elem_id="tt_stop_save")
             self.stop_button = gr.Button("Stop without Saving", elem_id="tt_stop")
             self.add_button = gr.Button("Add to Queue", elem_id="tt_add_queue")
+            self.continue_queue = gr.Checkbox(False, label="Continue the queue after Stop", elem_id="tt_stop_continue")
             refresh = gr.Button("refresh status", elem_id="tt_status_refresh", elem_classes=["tt-hidden"])
         self.status = gr.HTML(value=self.status_html, every=STATUS_POLL_SECONDS, elem_id="tt_status")
         self.message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tt_message")
@@ -66,8 +67,12 @@ class TrainTrainUI:
         refresh.click(self.status_html, outputs=[self.status])
         self.start_button.click(shows_errors(self.start), inputs=settings, outputs=[self.message])
         self.add_button.click(shows_errors(self.add), inputs=settings, outputs=[self.message])
-        self.save_stop_button.click(lambda: self.queue.stop(save=True), outputs=[self.message])
-        self.stop_button.click(lambda: self.queue.stop(save=False), outputs=[self.message])
+        for button, save in ((self.save_stop_button, True), (self.stop_button, False)):
+            button.click(
+                lambda go_on, save=save: self.queue.stop(save=save, continue_queue=go_on),
+                inputs=[self.continue_queue],
+                outputs=[self.message],
+            )
 
     def status_html(self) -> str:
         """The status box's HTML now."""
