@@ -21,18 +21,22 @@ SETTINGS_SECTION = ("traintrain", "TrainTrain")
 
 def on_ui_tabs() -> list[tuple]:
     """The TrainTrain tab: the shared UI over the WebUI's model, its checkpoint and VAE lists and its Lora folder."""
+    from trainer.jobs import shared_queue
     from trainer.modes import OutputDirs
     from trainer.ui.app import build_ui
 
     dirs = OutputDirs(lora=webui.lora_dir(), logs=EXTENSION_DIR / "logs", jsons=EXTENSION_DIR / "jsons")
+    provider = webui.WebUIModelProvider()
+    queue_file = EXTENSION_DIR / "queue.json"
     blocks = build_ui(
-        webui.WebUIModelProvider(),
+        provider,
         dirs,
         EXTENSION_DIR / "presets",
-        EXTENSION_DIR / "queue.json",
+        queue_file,
         model_choices=webui.checkpoint_choices,
         vae_choices=webui.vae_choices,
     )
+    provider.on_interrupt = lambda: shared_queue(provider, dirs, queue_file).stop()
     return [(blocks, TAB_TITLE, TAB_ID)]
 
 

@@ -22,6 +22,7 @@ from trainer.demo import demo_config, write_sample_images
 from trainer.errors import TrainTrainError
 from trainer.models import webui
 from trainer.modes import OutputDirs, RunContext, run_training
+from trainer.progress import StopFlag
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ class FakeWebUI:
         parts = {
             "call_queue": dict(queue_lock=self.queue_lock),
             "devices": dict(device=torch.device("cpu")),
-            "shared": dict(sd_model=sd_model, opts=SimpleNamespace(), cmd_opts=SimpleNamespace()),
+            "shared": dict(sd_model=sd_model, opts=SimpleNamespace(), cmd_opts=SimpleNamespace(), state=FakeState()),
             "paths_internal": dict(models_path=str(models_path)),
             "sd_models": dict(
                 get_closet_checkpoint_match=self.checkpoints.get,
@@ -83,6 +84,19 @@ class FakeWebUI:
         if result[0]:
             self.queue_lock.release()
         return not result[0]
+
+
+class FakeState:
+    """`shared.state`: the current job and the Interrupt flag."""
+
+    def __init__(self) -> None:
+        self.job, self.interrupted = "", False
+
+    def begin(self, job: str = "(unknown)") -> None:
+        self.job, self.interrupted = job, False
+
+    def end(self) -> None:
+        self.job = ""
 
 
 def fake_lora_extension(calls: list) -> types.ModuleType:
@@ -267,3 +281,21 @@ def test_entry_script_registers_the_tab_and_setting(fake, monkeypatch) -> None:
     assert isinstance(provider, webui.WebUIModelProvider) and dirs.lora == webui.lora_dir()
     assert (presets, queue_file, dirs.logs) == (ROOT / "presets", ROOT / "queue.json", ROOT / "logs")
     assert built["kwargs"] == {"model_choices": webui.checkpoint_choices, "vae_choices": webui.vae_choices}
+
+
+def test_the_webui_interrupt_button_stops_the_training(fake, images, tmp_path) -> None:
+    stop = StopFlag()
+    state = fake.modules.shared.state
+    provider = webui.WebUIModelProvider(on_interrupt=lambda: stop.request(save=True))
+    dirs = OutputDirs(lora=tmp_path / "Lora", logs=tmp_path / "logs", jsons=tmp_path / "jsons")
+    config = config_for(images, train_iterations=5000)
+
+    def press_interrupt(progress) -> None:
+        assert state.job == "TrainTrain"
+        if progress.step == 2:
+            state.interrupted = True
+
+    with provider.open(config) as bundle:
+        result = run_training(RunContext(config, bundle, dirs, progress=press_interrupt, stop=stop))
+    assert result.stopped and result.steps < 5000 and result.path.name.startswith("demo-step")
+    assert state.job == ""

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -181,11 +182,41 @@ def _model_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | Non
     return weight_dtype(config.train_model_precision, device)
 
 
+@contextlib.contextmanager
+def interrupt_watched(on_interrupt: Callable[[], object] | None, poll_seconds: float = 0.25) -> Iterator[None]:
+    """While a job runs, show it as the WebUI's current job and call `on_interrupt` once when its Interrupt is pressed."""
+    from modules import shared
+
+    state = shared.state
+    state.begin(job="TrainTrain")
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll_seconds):
+            if state.interrupted:
+                if on_interrupt is not None:
+                    on_interrupt()
+                return
+
+    watcher = threading.Thread(target=watch, name="traintrain-interrupt", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        state.end()
+
+
 class WebUIModelProvider:
     """The job queue's ModelProvider inside the WebUI: the loaded (or picked) model, trained in place.
 
-    The WebUI's generation lock is held for the whole job, so no image is generated while the weights are in use.
+    The WebUI's generation lock is held for the whole job, so no image is generated while the weights are in use; the
+    WebUI's Interrupt button calls `on_interrupt` (the queue's stop, saving as the job's 'save on stop' says).
     """
+
+    def __init__(self, on_interrupt: Callable[[], object] | None = None) -> None:
+        self.on_interrupt = on_interrupt
 
     @contextlib.contextmanager
     def open(self, config: TrainConfig) -> Iterator[ModelBundle]:
@@ -196,7 +227,7 @@ class WebUIModelProvider:
 
         device = torch.device(devices.device)
         vae_dtype = weight_dtype(config.train_VAE_precision, device)
-        with call_queue.queue_lock:
+        with call_queue.queue_lock, interrupt_watched(self.on_interrupt):
             if is_forge():
                 raise TrainTrainError(FORGE_MESSAGE)
             try:
