@@ -157,3 +157,15 @@ def test_fuzzed_settings_only_ever_raise_train_train_error(tmp_path, data, name)
         return
     target = (tmp_path / "Lora" / f"{config.effective_name}.safetensors").resolve()
     assert target.parent == (tmp_path / "Lora").resolve()
+
+
+def test_saved_files_get_normal_permissions(images, tmp_path) -> None:
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        result = run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path)))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(result.path.stat().st_mode) == 0o644, "readable by the WebUI whatever user it runs as"

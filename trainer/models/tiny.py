@@ -55,7 +55,7 @@ _UNET: dict[str, dict[str, Any]] = {
         projection_class_embeddings_input_dim=6 * 8 + 48,  # six size ids x 8 + TE2 pooled width
     ),
 }
-_VAE: dict[str, Any] = dict(
+VAE_CONFIG: dict[str, Any] = dict(
     block_out_channels=(8, 16, 32, 32),  # four levels: 64 px -> 8x8 latent, like SD
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
@@ -96,7 +96,7 @@ def _text_encoders(kind: ModelKind) -> tuple[list[torch.nn.Module], list[Any]]:
     return [te1, te2], [clip_l, open_clip]
 
 
-def _like_a_trained_vae(vae: AutoencoderKL) -> AutoencoderKL:
+def like_a_trained_vae(vae: AutoencoderKL) -> AutoencoderKL:
     """Give the random VAE a trained VAE's statistics: a narrow posterior (std ≈ 0.002, so the encoding is the image,
     not sampling noise) and means that, times the scaling factor, have unit variance on images (as SD's 0.18215 does)."""
     channels = vae.config.latent_channels
@@ -117,7 +117,7 @@ def build_tiny_components(kind: ModelKind = "sd1", seed: int = 0) -> Components:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**_UNET_COMMON, **_UNET[kind])
-        vae = _like_a_trained_vae(AutoencoderKL(**_VAE, scaling_factor=SCALING_FACTOR[kind]))
+        vae = like_a_trained_vae(AutoencoderKL(**VAE_CONFIG, scaling_factor=SCALING_FACTOR[kind]))
         encoders, tokenizers = _text_encoders(kind)
     for module in (unet, vae, *encoders):
         module.eval()
