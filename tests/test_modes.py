@@ -211,3 +211,29 @@ def test_multi_addift_without_pairs_is_a_clear_error(pair_folder, tmp_path) -> N
     )
     with pytest.raises(TrainTrainError):
         run(tmp_path, config)
+
+
+@pytest.mark.parametrize("use_mask", [True, False])
+def test_addift_mask_from_the_originals_alpha_limits_the_loss(pair, tmp_path, monkeypatch, use_mask) -> None:
+    import trainer.modes.addift as addift
+
+    rgba = Image.open(pair[0]).convert("RGBA")
+    alpha = Image.new("L", rgba.size, 0)
+    alpha.paste(255, (0, 0, 32, 64))  # left half opaque, right half transparent
+    rgba.putalpha(alpha)
+    rgba.save(tmp_path / "masked.png")
+    seen = []
+    real = addift.Objective.loss
+
+    def spy(self, prediction, target, timesteps, mask=None):
+        seen.append(mask)
+        return real(self, prediction, target, timesteps, mask)
+
+    monkeypatch.setattr(addift.Objective, "loss", spy)
+    run(tmp_path, addift_config(str(tmp_path / "masked.png"), pair[1], train_iterations=2, diff_use_diff_mask=use_mask))
+    if not use_mask:
+        assert seen == [None, None]
+        return
+    mask = seen[0]
+    assert mask.shape[-2:] == (8, 8)
+    assert mask[..., :, :4].min() == 1 and mask[..., :, 4:].max() == 0, "opaque half trains, transparent half not"
