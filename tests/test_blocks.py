@@ -5,6 +5,7 @@ independently here), unticked blocks get nothing, CrossAttention / SelfAttention
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from trainer.errors import TrainTrainError
 from trainer.models.bundle import LoraTarget
 from trainer.models.checkpoint import shipped_config_dir
 from trainer.models.diffusers_backend import DiffusersBundle
-from trainer.models.targets import collect_targets
+from trainer.models.ldm_convert import unet_ldm_to_diffusers_names
+from trainer.models.targets import collect_targets, unet_kohya_paths
 from trainer.models.tiny import build_tiny
 from trainer.modes import OutputDirs, RunContext, run_training
 from trainer.modes.common import LoraWriter, build_network, network_spec
@@ -57,6 +59,13 @@ class Model:
     unet: nn.Module
     encoders: list[tuple[str, nn.Module]]
     targets: list[LoraTarget]
+    kind: str
+
+    def unet_name(self, path: str) -> str:
+        """kohya's name of a UNet layer: SDXL by its LDM path (compvis-style), SD1 / SD2 by its diffusers path."""
+        if self.kind != "sdxl":
+            return kohya_name("lora_unet", path)
+        return kohya_name("lora_unet", ldm_paths(self.unet)[path])
 
     def text_layers(self) -> set[str]:
         """kohya names of the text encoders' attention and MLP linears (BASE)."""
@@ -73,7 +82,7 @@ class Model:
         prefixes = ldm_block_paths(self.unet).get(block, [])
         inside = (Transformer2DModel,) if network_type == "lierla" else None
         return {
-            kohya_name("lora_unet", path)
+            self.unet_name(path)
             for path in layer_paths(self.unet, inside)
             if any(path.startswith(prefix + ".") for prefix in prefixes)
         }
@@ -82,10 +91,14 @@ class Model:
         """kohya names of the UNet's cross- (or self-) attention projections."""
         attentions = [p for p, m in self.unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention == cross]
         return {
-            kohya_name("lora_unet", path)
-            for path in layer_paths(self.unet)
-            if any(path.startswith(a + ".") for a in attentions)
+            self.unet_name(path) for path in layer_paths(self.unet) if any(path.startswith(a + ".") for a in attentions)
         }
+
+
+@functools.cache
+def ldm_paths(unet: nn.Module) -> dict[str, str]:
+    """LDM path of every diffusers UNet module with parameters (the single-file checkpoint converter's map)."""
+    return {hf: ldm for ldm, hf in unet_ldm_to_diffusers_names(unet.config).items()}
 
 
 def ldm_block_paths(unet: nn.Module) -> dict[str, list[str]]:
@@ -115,7 +128,7 @@ def ldm_block_paths(unet: nn.Module) -> dict[str, list[str]]:
 def tiny_model(bundle: DiffusersBundle) -> Model:
     c = bundle.components
     prefixes = ["lora_te"] if len(c.text_encoders) == 1 else ["lora_te1", "lora_te2"]
-    return Model(c.unet, list(zip(prefixes, c.text_encoders)), bundle.lora_targets())
+    return Model(c.unet, list(zip(prefixes, c.text_encoders)), bundle.lora_targets(), c.kind)
 
 
 def real_size_model(kind: str) -> Model:
@@ -127,7 +140,8 @@ def real_size_model(kind: str) -> Model:
         if kind == "sdxl":
             config_2 = CLIPTextConfig.from_json_file(folder / "text_encoder_2" / "config.json")
             encoders = [("lora_te1", encoders[0][1]), ("lora_te2", CLIPTextModelWithProjection(config_2))]
-    return Model(unet, encoders, collect_targets(unet, encoders, unet.config.layers_per_block))
+    targets = collect_targets(unet, encoders, unet.config.layers_per_block, unet_kohya_paths(kind, unet.config))
+    return Model(unet, encoders, targets, kind)
 
 
 MODELS = {
@@ -188,7 +202,7 @@ def test_element_keeps_exactly_cross_or_self_attention(model: Model, network_typ
     assert expected and all(suffix in name for name in expected)
     assert selected(model, NetworkSpec(network_type, element=element, blocks=list(BLOCKS_SD))) == expected
     only_mid = selected(model, NetworkSpec(network_type, element=element, blocks=["M00"]))
-    assert only_mid == {name for name in expected if name.startswith("lora_unet_mid_block_")} and only_mid
+    assert only_mid == expected & model.block_layers("M00", network_type) and only_mid
 
 
 # --- the saved files (real network building and writing on the tiny models) ---

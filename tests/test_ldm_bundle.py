@@ -207,8 +207,15 @@ def test_kohya_names_map_back_to_the_trained_webui_modules(name: str) -> None:
         expected = target.module.attention if isinstance(target.module, ProjectionView) else target.module
         if webui_module_for(target.name, mapping) is not expected:
             unmatched.append(target.name)
-    # The WebUI's upsampler rule assumes SD1's first up block has no attention: SDXL's first upsampler is not found.
-    assert unmatched == (["lora_unet_up_blocks_0_upsamplers_0_conv"] if name == "sdxl" else [])
+    assert unmatched == []
+    unet_names = [t.name for t in targets if t.name.startswith("lora_unet")]
+    if name == "sdxl":  # kohya's compvis-style names: no diffusers → compvis rule (SD1's layout) touches them
+        assert all(webui_compvis_key(n, is_sd2=False) == n for n in unet_names)
+        assert "lora_unet_output_blocks_2_2_conv" in unet_names  # the first upsampler, after the attention
+    else:
+        assert all(
+            n.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for n in unet_names
+        )
     # UNet: 12 per transformer of depth 1 (+10 per deeper block) and 86 / 66 resnet convs and samplers; TE: 6 per layer.
     counts = {"sd15": (16 * 12 + 86, 12 * 6), "sd21": (16 * 12 + 86, 24 * 6), "sdxl": (11 * 2 + 70 * 10 + 66, 44 * 6)}
     unet = sum(t.name.startswith("lora_unet") for t in targets)

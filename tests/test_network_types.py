@@ -23,6 +23,7 @@ import trainer.loop
 import trainer.modes.lora
 from trainer.demo import demo_config, write_sample_images
 from trainer.models.diffusers_backend import Components, DiffusersBundle
+from trainer.models.ldm_convert import unet_ldm_to_diffusers_names
 from trainer.models.tiny import build_tiny, build_tiny_components
 from trainer.modes import OutputDirs, RunContext, TrainResult, run_training
 from trainer.networks.kohya_io import module_names, read_network_file, save_network
@@ -36,7 +37,14 @@ TRIGGER = "demo style"
 RANK, ALPHA, CONV_RANK, CONV_ALPHA = 8, 4.0, 4, 2.0  # 3×3 convs get their own rank / alpha, so a mix-up shows
 LORA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
 LOHA_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}
-UNET_BLOCK_LAYER = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
+UNET_BLOCK_PATH = re.compile(r"^(down_blocks|mid_block|up_blocks)\.")  # diffusers paths of the UNet's blocks
+# kohya's UNet names: SDXL compvis-style (LDM paths), SD1 / SD2 diffusers-style
+UNET_NAME = {
+    "sdxl": re.compile(r"^lora_unet_(input_blocks_\d+_\d+|middle_block_\d+|output_blocks_\d+_\d+)_"),
+    "sd1": re.compile(
+        r"^lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+)_(attentions|resnets|downsamplers|upsamplers)_"
+    ),
+}
 TEXT_LAYER = re.compile(r"^lora_te[12]?_text_model_encoder_layers_\d+_(self_attn|mlp)_")
 PROMPTS = [f"{TRIGGER}, a red circle on a white background", "a blue square"]
 
@@ -107,24 +115,36 @@ def trained(request, images, tmp_path_factory) -> Trained:
     return Trained(kind, network_type, bundle, network, result, tensors, metadata)
 
 
-def kohya_parts(components: Components) -> list[tuple[str, nn.Module]]:
-    """(kohya prefix, model part): lora_unet, then lora_te (SD1 / SD2) or lora_te1 / lora_te2 (SDXL)."""
+def kohya_parts(components: Components) -> list[tuple[str, nn.Module, dict[str, str] | None]]:
+    """(kohya prefix, model part, LDM path per module path or None): lora_unet, then lora_te (SD1 / SD2) or lora_te1 /
+    lora_te2 (SDXL). kohya names SDXL's UNet modules by their LDM path (compvis-style), every other part by its path."""
     encoders = components.text_encoders
     prefixes = ["lora_te"] if len(encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(encoders))]
-    return [("lora_unet", components.unet), *zip(prefixes, encoders)]
+    ldm = None
+    if components.kind == "sdxl":
+        ldm = {hf: ldm for ldm, hf in unet_ldm_to_diffusers_names(components.unet.config).items()}
+    return [
+        ("lora_unet", components.unet, ldm),
+        *((prefix, encoder, None) for prefix, encoder in zip(prefixes, encoders)),
+    ]
 
 
-def kohya_modules(part: nn.Module, prefix: str) -> dict[str, tuple[str, nn.Module]]:
-    """kohya name (prefix + module path with dots as underscores) → (module path, module), for every module."""
-    return {f"{prefix}_{path.replace('.', '_')}": (path, module) for path, module in part.named_modules()}
-
-
-def model_layers(components: Components) -> dict[str, nn.Module]:
-    """Every Linear / Conv2d of the model under its kohya name."""
+def kohya_modules(part: nn.Module, prefix: str, ldm: dict[str, str] | None) -> dict[str, tuple[str, nn.Module]]:
+    """kohya name (prefix + module path, or its LDM path, with dots as underscores) → (module path, module), for every
+    module (with an LDM path: every module holding parameters)."""
     return {
-        name: module
-        for prefix, part in kohya_parts(components)
-        for name, (_, module) in kohya_modules(part, prefix).items()
+        f"{prefix}_{(path if ldm is None else ldm[path]).replace('.', '_')}": (path, module)
+        for path, module in part.named_modules()
+        if ldm is None or path in ldm
+    }
+
+
+def model_layers(components: Components) -> dict[str, tuple[str, nn.Module]]:
+    """Every Linear / Conv2d of the model: kohya name → (module path in its part, module)."""
+    return {
+        name: (path, module)
+        for prefix, part, ldm in kohya_parts(components)
+        for name, (path, module) in kohya_modules(part, prefix, ldm).items()
         if isinstance(module, (nn.Linear, nn.Conv2d))
     }
 
@@ -157,7 +177,8 @@ def merged_bundle(kind: str, tensors: dict[str, torch.Tensor]) -> DiffusersBundl
     assert module_names(tensors) <= set(layers), "every module of the file names a layer of the model"
     with torch.no_grad():
         for name in module_names(tensors):
-            layers[name].weight += file_delta(tensors, name, layers[name].weight.shape)
+            weight = layers[name][1].weight
+            weight += file_delta(tensors, name, weight.shape)
     return DiffusersBundle(components)
 
 
@@ -184,14 +205,18 @@ def assert_same_outputs(actual: dict[str, torch.Tensor], expected: dict[str, tor
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
 
 
-def expected_modules(layers: dict[str, nn.Module], network_type: str) -> set[str]:
+def expected_modules(layers: dict[str, tuple[str, nn.Module]], network_type: str) -> set[str]:
     """kohya's rule: attention and MLP linears of the text encoders and every layer of the UNet's transformers;
     c3lier and loha add the resnets and down / up samplers (UNet layers outside the down / mid / up blocks never)."""
     return {
         name
-        for name in layers
+        for name, (path, _) in layers.items()
         if TEXT_LAYER.match(name)
-        or (UNET_BLOCK_LAYER.match(name) and (network_type != "lierla" or "_attentions_" in name))
+        or (
+            name.startswith("lora_unet_")
+            and UNET_BLOCK_PATH.match(path)
+            and (network_type != "lierla" or ".attentions." in path)
+        )
     }
 
 
@@ -237,15 +262,21 @@ def test_file_holds_the_selected_modules_with_public_key_names(trained: Trained)
     assert prefixes == ({"lora_te1", "lora_te2"} if trained.kind == "sdxl" else {"lora_te"})
     parts = LOHA_PARTS if trained.network_type == "loha" else LORA_PARTS
     assert set(trained.tensors) == {f"{name}.{part}" for name in names for part in parts}
+    unet = {name for name in names if name.startswith("lora_unet_")}
+    assert unet and all(UNET_NAME[trained.kind].match(name) for name in unet)
+    paths = {layers[name][0] for name in unet}
     if trained.network_type != "lierla":
-        assert any(n.endswith("_resnets_0_conv1") for n in names) and any("_downsamplers_0_conv" in n for n in names)
+        assert any(p.endswith("resnets.0.conv1") for p in paths) and any("downsamplers.0.conv" in p for p in paths)
+        if trained.kind == "sdxl":  # the upsampler the WebUI's diffusers-name rules drop; kohya's conv names
+            assert "up_blocks.0.upsamplers.0.conv" in paths and "lora_unet_output_blocks_1_2_conv" in unet
+            assert {"lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_2_0_op"} <= unet
 
 
 def test_file_shapes_ranks_and_alphas(trained: Trained) -> None:
     layers = model_layers(build_tiny_components(trained.kind))
     assert all(t.dtype == torch.float32 for t in trained.tensors.values()), "save precision fp32"
     for name in module_names(trained.tensors):
-        weight = layers[name].weight
+        weight = layers[name][1].weight
         out_dim, in_dim, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
         wide = kernel not in ((), (1, 1))
         rank, alpha = (CONV_RANK, CONV_ALPHA) if wide else (RANK, ALPHA)
@@ -303,8 +334,8 @@ def peft_wrapped(components: Components) -> set[str]:
     """kohya names of the layers a peft adapter wraps (modules holding `lora_A` or `hada_w1_a` weights)."""
     return {
         name
-        for prefix, part in kohya_parts(components)
-        for name, (_, module) in kohya_modules(part, prefix).items()
+        for prefix, part, ldm in kohya_parts(components)
+        for name, (_, module) in kohya_modules(part, prefix, ldm).items()
         if len(getattr(module, "lora_A", ())) or len(getattr(module, "hada_w1_a", ()))
     }
 
@@ -313,8 +344,8 @@ def load_loha_with_peft(components: Components, tensors: dict[str, torch.Tensor]
     """Wrap the file's layers with peft's LyCORIS LoHa (rank / alpha per module from the file) and copy the weights in."""
     from peft import LoHaConfig, inject_adapter_in_model
 
-    for prefix, part in kohya_parts(components):
-        modules = kohya_modules(part, prefix)
+    for prefix, part, ldm in kohya_parts(components):
+        modules = kohya_modules(part, prefix, ldm)
         chosen = {modules[name][0]: name for name in module_names(tensors) if name in modules}
         ranks = {path: int(tensors[f"{name}.hada_w1_b"].shape[0]) for path, name in chosen.items()}
         alphas = {path: float(tensors[f"{name}.alpha"]) for path, name in chosen.items()}

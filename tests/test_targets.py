@@ -1,5 +1,6 @@
 """LoRA target discovery on real-size SD1.5 / SDXL architectures built on the meta device (no memory, no weights)."""
 
+import re
 from collections import Counter
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from trainer.models.bundle import ROLE_CROSS_ATTN, ROLE_RESNET, ROLE_SELF_ATTN, ROLE_TEXT, ROLE_TRANSFORMER
-from trainer.models.targets import collect_targets, unet_block_of
+from trainer.models.targets import collect_targets, unet_block_of, unet_kohya_paths
 
 LIERLA_ROLES = {ROLE_SELF_ATTN, ROLE_CROSS_ATTN, ROLE_TRANSFORMER}
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
@@ -32,7 +33,8 @@ def sd15():
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         te = CLIPTextModel(CLIPTextConfig(**CLIP_L))
-    return collect_targets(unet, [("lora_te", te)], layers_per_block=2), unet, te
+    assert unet_kohya_paths("sd1", unet.config) is None  # SD1 / SD2: kohya's diffusers-style names
+    return collect_targets(unet, [("lora_te", te)], 2, unet_kohya_paths("sd1", unet.config)), unet, te
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,8 @@ def sdxl():
         )
         te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
-    return collect_targets(unet, [("lora_te1", te1), ("lora_te2", te2)], layers_per_block=2)
+    targets = collect_targets(unet, [("lora_te1", te1), ("lora_te2", te2)], 2, unet_kohya_paths("sdxl", unet.config))
+    return targets, unet
 
 
 def test_sd15_lierla_counts_and_blocks(sd15):
@@ -97,6 +100,7 @@ def test_sd15_exact_names(sd15):
 
 
 def test_sdxl_counts_blocks_and_prefixes(sdxl):
+    sdxl, _ = sdxl
     lierla = [t for t in sdxl if t.role in LIERLA_ROLES]
     assert len(lierla) == 722
     text = Counter(t.name.split("_text_model_")[0] for t in sdxl if t.role == ROLE_TEXT)
@@ -104,9 +108,81 @@ def test_sdxl_counts_blocks_and_prefixes(sdxl):
     assert {t.block for t in lierla} == {"IN04", "IN05", "IN07", "IN08", "M00"} | blocks("OUT", range(6))
     assert {t.block for t in sdxl} == {"BASE", "M00"} | blocks("IN", range(1, 9)) | blocks("OUT", range(9))
     names = {t.name for t in sdxl}
-    assert "lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_attn2_to_v" in names
+    assert "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_v" in names
     assert "lora_te2_text_model_encoder_layers_31_self_attn_out_proj" in names
     assert not any("text_projection" in name for name in names)
+    unet = [name for name in names if name.startswith("lora_unet_")]
+    assert all(re.match(r"lora_unet_(input_blocks_[1-8]|middle_block|output_blocks_[0-8])_\d+_", n) for n in unet)
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "block", "role"),
+    [  # kohya's compvis-style SDXL names: LDM paths, resnet parts renamed as in LDM
+        (
+            "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "IN04",
+            ROLE_SELF_ATTN,
+        ),
+        (
+            "input_blocks_8_1_transformer_blocks_9_attn2_to_out_0",
+            "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0",
+            "IN08",
+            ROLE_CROSS_ATTN,
+        ),
+        ("middle_block_1_proj_in", "mid_block.attentions.0.proj_in", "M00", ROLE_TRANSFORMER),
+        ("middle_block_2_out_layers_3", "mid_block.resnets.1.conv2", "M00", ROLE_RESNET),
+        ("output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv", "OUT02", ROLE_RESNET),
+        ("output_blocks_5_2_conv", "up_blocks.1.upsamplers.0.conv", "OUT05", ROLE_RESNET),
+        (
+            "output_blocks_5_1_transformer_blocks_1_ff_net_0_proj",
+            "up_blocks.1.attentions.2.transformer_blocks.1.ff.net.0.proj",
+            "OUT05",
+            ROLE_TRANSFORMER,
+        ),
+        ("output_blocks_8_0_skip_connection", "up_blocks.2.resnets.2.conv_shortcut", "OUT08", ROLE_RESNET),
+        ("input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1", "IN01", ROLE_RESNET),
+        ("input_blocks_1_0_out_layers_3", "down_blocks.0.resnets.0.conv2", "IN01", ROLE_RESNET),
+        ("input_blocks_1_0_emb_layers_1", "down_blocks.0.resnets.0.time_emb_proj", "IN01", ROLE_RESNET),
+        ("input_blocks_4_0_skip_connection", "down_blocks.1.resnets.0.conv_shortcut", "IN04", ROLE_RESNET),
+        ("input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv", "IN03", ROLE_RESNET),
+        ("input_blocks_6_0_op", "down_blocks.1.downsamplers.0.conv", "IN06", ROLE_RESNET),
+    ],
+)
+def test_sdxl_exact_compvis_names(sdxl, name, module, block, role):
+    targets, unet = sdxl
+    target = {t.name: t for t in targets}["lora_unet_" + name]
+    assert target.module is unet.get_submodule(module)
+    assert (target.block, target.role) == (block, role)
+
+
+def test_diffusers_maps_every_sdxl_name_to_its_module(sdxl):
+    """diffusers 0.31's loader path for kohya files (`lora_state_dict` with the UNet config: SGM blocks → diffusers,
+    then its kohya converter, then peft keys) sends every compvis-style UNet name and every text-encoder name of a whole
+    real-size SDXL file to the module we train, each module its own weights (no weights here: index tensors)."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    targets, unet = sdxl
+    tensors = {}
+    for index, target in enumerate(targets):
+        tensors[f"{target.name}.lora_down.weight"] = torch.tensor([float(index)])
+        tensors[f"{target.name}.lora_up.weight"] = torch.tensor([-float(index)])
+        tensors[f"{target.name}.alpha"] = torch.tensor(float(index))
+    state, alphas = StableDiffusionXLPipeline.lora_state_dict(tensors, unet_config=unet.config)
+    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    peft = convert_unet_state_dict_to_peft(unet_state)
+    got = {
+        key.removesuffix(".lora_A.weight"): int(value) for key, value in peft.items() if key.endswith(".lora_A.weight")
+    }
+    paths = {module: path for path, module in unet.named_modules()}
+    unet_targets = [(i, t) for i, t in enumerate(targets) if t.name.startswith("lora_unet_")]
+    assert got == {paths[t.module]: i for i, t in unet_targets}
+    assert all(int(peft[f"{paths[t.module]}.lora_B.weight"]) == -i for i, t in unet_targets)
+    # alphas keep diffusers' intermediate names (…attn1.processor.to_q_lora.down.weight.alpha): all of them carried
+    assert sorted(v for k, v in alphas.items() if k.startswith("unet.")) == [i for i, _ in unet_targets]
+    text = {k for k in state if k.startswith("text_encoder")}
+    assert len(text) == 2 * sum(t.role == ROLE_TEXT for t in targets)
 
 
 def test_flattened_text_encoder_names_are_normalised():

@@ -64,7 +64,8 @@ class Conditioning:
 class LoraTarget:
     """One module a network may wrap, with its kohya name, UI block (BASE, IN00…, M00, OUT00…) and role."""
 
-    name: str  # e.g. lora_unet_down_blocks_0_attentions_0_proj_in, lora_te_text_model_encoder_layers_0_mlp_fc1
+    name: str  # e.g. lora_unet_down_blocks_0_attentions_0_proj_in (SDXL: lora_unet_input_blocks_4_1_proj_in),
+    # lora_te_text_model_encoder_layers_0_mlp_fc1
     module: nn.Module  # nn.Linear or nn.Conv2d
     block: str
     role: str

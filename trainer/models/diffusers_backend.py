@@ -13,7 +13,7 @@ from transformers import CLIPTokenizer
 
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, frozen
-from trainer.models.targets import collect_targets
+from trainer.models.targets import collect_targets, unet_kohya_paths
 from trainer.models.tokenizer import MAX_TOKENS
 
 
@@ -134,11 +134,13 @@ class DiffusersBundle:
         return self.components.unet(noisy, timesteps.to(self.device), context, added_cond_kwargs=added).sample
 
     def lora_targets(self) -> list[LoraTarget]:
-        """UNet and text-encoder layers by kohya name (lora_te for SD1/SD2, lora_te1 / lora_te2 for SDXL)."""
+        """UNet and text-encoder layers by kohya name (lora_te for SD1/SD2, lora_te1 / lora_te2 for SDXL; SDXL's UNet
+        compvis-style, SD1/SD2's diffusers-style, as kohya names them)."""
         encoders = self.components.text_encoders
         prefixes = ["lora_te"] if len(encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(encoders))]
         unet = self.components.unet
-        return collect_targets(unet, list(zip(prefixes, encoders)), uniform_layers_per_block(unet))
+        paths = unet_kohya_paths(self.kind, unet.config)
+        return collect_targets(unet, list(zip(prefixes, encoders)), uniform_layers_per_block(unet), paths)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Gradient checkpointing of the UNet (text encoders see 77 tokens: their activations are small)."""

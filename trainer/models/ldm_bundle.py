@@ -20,7 +20,7 @@ from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Predictio
 from trainer.models.ldm_convert import text_encoder_ldm_to_diffusers_names, unet_ldm_to_diffusers_names
 from trainer.models.ldm_state import TrainingState
 from trainer.models.openclip_text import OpenClipText
-from trainer.models.targets import collect_targets
+from trainer.models.targets import collect_targets, unet_kohya_paths
 from trainer.models.tokenizer import MAX_TOKENS, clip_bpe_tokenizer
 
 PARAMETERIZATION: dict[str, Prediction] = {"eps": "epsilon", "v": "v"}
@@ -246,16 +246,22 @@ class LdmBundle:
         return torch.cat(parts, dim=1)
 
     def lora_targets(self) -> list[LoraTarget]:
-        """UNet and text-encoder layers under kohya's diffusers-style names (the same as the diffusers adapter's)."""
+        """UNet and text-encoder layers under kohya's names (the same as the diffusers adapter's)."""
         if self._targets is None:
-            names = unet_ldm_to_diffusers_names(diffusers_unet_config(self.unet))
+            config = diffusers_unet_config(self.unet)
+            names = unet_ldm_to_diffusers_names(config)
             try:
                 pairs = [(hf_name, self.unet.get_submodule(ldm_name)) for ldm_name, hf_name in names.items()]
             except AttributeError as error:
                 raise TrainTrainError(f"This UNet layout is not supported ({error}).") from error
             encoders = [(encoder.prefix, encoder) for encoder in self.encoders]  # both list named_modules()
             layers_per_block = list(self.unet.num_res_blocks)[0]
-            self._targets = collect_targets(NamedModules(pairs), encoders, layers_per_block)  # type: ignore[arg-type]
+            self._targets = collect_targets(
+                NamedModules(pairs),  # type: ignore[arg-type]
+                encoders,  # type: ignore[arg-type]
+                layers_per_block,
+                unet_kohya_paths(self.kind, config),
+            )
         return self._targets
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 
@@ -119,6 +119,12 @@ def _unet_name_to_ldm(name: str, blocks: dict[str, tuple[str, bool]]) -> str:
 def _param_module_names(model: torch.nn.Module) -> list[str]:
     """Names of the modules that own parameters directly (Linear, Conv2d, norms, embeddings)."""
     return [name for name, module in model.named_modules() if name and list(module.parameters(recurse=False))]
+
+
+def unet_ldm_namer(config: Mapping[str, Any]) -> Callable[[str], str]:
+    """A function giving the LDM name of any diffusers module or tensor name of the UNet described by `config`."""
+    blocks = _unet_blocks(config)
+    return lambda name: _unet_name_to_ldm(name, blocks)
 
 
 def unet_ldm_to_diffusers_names(config: Mapping[str, Any]) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -13,7 +14,9 @@ from trainer.models.bundle import (
     ROLE_TEXT,
     ROLE_TRANSFORMER,
     LoraTarget,
+    ModelKind,
 )
+from trainer.models.ldm_convert import unet_ldm_namer
 
 TEXT_BLOCK = "BASE"
 MIDDLE_BLOCK = "M00"
@@ -57,15 +60,29 @@ def _kohya(prefix: str, path: str) -> str:
     return f"{prefix}_{path.replace('.', '_')}"
 
 
+def unet_kohya_paths(kind: ModelKind, config: Mapping[str, Any]) -> Callable[[str], str] | None:
+    """What kohya builds a UNet target's name from: SDXL the LDM path (`input_blocks.4.1.…`, kohya's compvis-style
+    names, which the WebUI, Forge, ComfyUI and diffusers map directly; the WebUI's diffusers → compvis rules assume
+    SD1's layout and drop SDXL's first upsampler); SD1 / SD2 the diffusers path (None), which the WebUI maps right."""
+    return unet_ldm_namer(config) if kind == "sdxl" else None
+
+
 def collect_targets(
-    unet: nn.Module, text_encoders: list[tuple[str, nn.Module]], layers_per_block: int
+    unet: nn.Module,
+    text_encoders: list[tuple[str, nn.Module]],
+    layers_per_block: int,
+    kohya_path: Callable[[str], str] | None = None,
 ) -> list[LoraTarget]:
-    """Every Linear / Conv2d a network may wrap: UNet transformer and resnet layers, then text-encoder layers."""
+    """Every Linear / Conv2d a network may wrap: UNet transformer and resnet layers, then text-encoder layers.
+
+    `unet` lists its modules under diffusers names (blocks and roles come from them); `kohya_path` (from
+    `unet_kohya_paths`) gives the path a UNet target's kohya name is built from, default the diffusers name."""
     targets: list[LoraTarget] = []
     for name, module in unet.named_modules():
         block = unet_block_of(name, layers_per_block) if isinstance(module, (nn.Linear, nn.Conv2d)) else None
         if block is not None:
-            targets.append(LoraTarget(_kohya("lora_unet", name), module, block, _unet_role(name)))
+            path = kohya_path(name) if kohya_path is not None else name
+            targets.append(LoraTarget(_kohya("lora_unet", path), module, block, _unet_role(name)))
     for prefix, encoder in text_encoders:
         for name, module in encoder.named_modules():
             match = _TEXT_LAYER.search(name)
