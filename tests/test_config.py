@@ -78,8 +78,8 @@ def test_defaults_match_the_original():
         train_min_timesteps=0, train_max_timesteps=1000, train_loss_function="MSE", train_lr_step_rules="",
         train_lr_warmup_steps=0, train_lr_scheduler_num_cycles=1, train_lr_scheduler_power=1.0, train_snr_gamma=5.0,
         save_per_steps=0, diff_alt_ratio=1.0, train_model_precision="fp16", train_lora_precision="fp32",
-        save_precision="fp16", train_VAE_precision="fp32", save_on_stop=True, use_cuda_graph=True,
-        use_torch_compile=False, use_gradient_checkpointing=False, use_2nd_pass_settings=False, second_pass=None,
+        save_precision="fp16", train_VAE_precision="fp32", save_on_stop=True,
+        use_gradient_checkpointing=False, use_2nd_pass_settings=False, second_pass=None,
     )  # fmt: skip
     for name, value in expected.items():
         assert getattr(c, name) == value, name

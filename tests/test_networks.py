@@ -152,3 +152,12 @@ def test_pickled_and_missing_files_refused(tmp_path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(TrainTrainError, match="not a readable"):
         read_network_file(tmp_path / "bad.safetensors")
+
+
+def test_adapter_weight_dtype_follows_casts() -> None:
+    from trainer.networks.modules import LoRAModule
+
+    adapter = LoRAModule(nn.Linear(8, 8), 4, 4)
+    assert adapter.weight_dtype == torch.float32
+    adapter.to(torch.float64)
+    assert adapter.weight_dtype == torch.float64

@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer {train,demo,ui} …`; a TrainTrainError prints its message and exits 2."""
+"""Command line: `python -m trainer {train,demo,ui,bench} …`; a TrainTrainError prints its message and exits 2."""
 
 from __future__ import annotations
 
@@ -88,6 +88,13 @@ def _demo(out: str | None, iterations: int) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from trainer.bench import run_bench, settings_from_args
+
+    run_bench(settings_from_args(args))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run it."""
     parser = argparse.ArgumentParser(prog="python -m trainer", description="TrainTrain LoRA trainer")
@@ -99,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train the tiny built-in model on generated images")
     demo.add_argument("--out", help="folder for demo.safetensors (default: ./output)")
     demo.add_argument("--iterations", type=int, default=80)
+    from trainer.bench import add_bench_arguments  # torch only: diffusers is imported when a bench runs
+
+    add_bench_arguments(sub.add_parser("bench", help="time the real LoRA / iLECO step against a bare reference step"))
     ui = sub.add_parser("ui", help="serve the TrainTrain UI in a browser (standalone gradio)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ui.add_argument("--port", type=int, default=7860)
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
             launch(args.host, args.port, args.model)
             return 0
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "train":
             return _train(args.config, args.model, args.out)
         return _demo(args.out, args.iterations)

@@ -21,6 +21,7 @@ from trainer.progress import Progress, ProgressCallback, StopFlag
 log = logging.getLogger(__name__)
 
 StepLoss = Callable[[int], torch.Tensor]  # step index (0-based) -> scalar loss with grad
+GPU_READBACK_EVERY = 10  # steps between loss read-backs on a GPU (each read-back waits for the device)
 
 
 @dataclass
@@ -84,7 +85,7 @@ def run_loop(
         optimizer.train()
     result = LoopResult(steps=0)
     pending: list[tuple[int, torch.Tensor, list[float]]] = []
-    sync_every = 1 if device.type == "cpu" else 10
+    sync_every = readback_interval(device)
     started = time.monotonic()
     network.train()
 
@@ -148,6 +149,11 @@ def run_loop(
     if is_schedule_free(optimizer):
         optimizer.eval()  # the evaluation weights are the ones to save
     return result
+
+
+def readback_interval(device: torch.device) -> int:
+    """Steps between loss read-backs, which are also the progress events: every step on the CPU, 10 on a GPU."""
+    return 1 if device.type == "cpu" else GPU_READBACK_EVERY
 
 
 def _autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.devices import host_values_on
 from trainer.data.buckets import Bucket
 from trainer.data.dataset import ImageDataset, Sample
 from trainer.data.sampler import BucketSampler
@@ -74,7 +75,7 @@ class LatentDataset:
     def gather(self, bucket: Bucket, indices: list[int]) -> Batch:
         """The batch made of `indices` of `bucket`."""
         data = self.buckets[bucket]
-        index = torch.tensor(indices, device=data.latents.device)
+        index = host_values_on(data.latents.device, indices)
         masks = None if data.masks is None else data.masks[index]
         return Batch(data.latents[index], [data.prompts[i] for i in indices], masks, bucket)
 

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTokenizer
 
+from trainer.devices import host_values_on
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, frozen
 from trainer.models.targets import collect_targets, unet_kohya_paths
@@ -128,7 +129,7 @@ class DiffusersBundle:
             if cond.pooled is None:
                 raise ValueError("SDXL conditioning needs the pooled text embedding.")
             height, width = (size * self._vae_scale for size in noisy.shape[-2:])
-            time_ids = torch.tensor([height, width, 0, 0, height, width], device=self.device, dtype=self.dtype)
+            time_ids = host_values_on(self.device, [height, width, 0, 0, height, width], self.dtype)
             added = {"text_embeds": cond.pooled.to(self.device, self.dtype), "time_ids": time_ids.repeat(len(noisy), 1)}
         context = cond.context.to(self.device, self.dtype)
         return self.components.unet(noisy, timesteps.to(self.device), context, added_cond_kwargs=added).sample

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import CLIPTokenizer
 
+from trainer.devices import host_values_on
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction
 from trainer.models.ldm_convert import text_encoder_ldm_to_diffusers_names, unet_ldm_to_diffusers_names
@@ -241,7 +242,7 @@ class LdmBundle:
         values["target_size_as_tuple"] = (height, width)
         parts = []
         for embedder in self.size_embedders:
-            rows = torch.tensor([values[embedder.input_key]] * len(latents), device=self.device, dtype=torch.float32)
+            rows = host_values_on(self.device, [values[embedder.input_key]] * len(latents), torch.float32)
             parts.append(embedder(rows))
         return torch.cat(parts, dim=1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,19 @@ class AdapterModule(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
         self.scale = float(alpha) / rank
         self.multiplier = 1.0
+        self._weight_dtype: torch.dtype | None = None
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the trained weights, cached for the forward hook (a move or cast through `_apply` clears it)."""
+        if self._weight_dtype is None:
+            self._weight_dtype = next(self.parameters()).dtype
+        return self._weight_dtype
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> AdapterModule:
+        """Every `.to()` / `.half()` / `.cuda()` comes here: forget the cached dtype."""
+        self._weight_dtype = None
+        return super()._apply(fn, *args, **kwargs)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution to the wrapped layer's output for input x."""

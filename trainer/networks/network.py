@@ -167,7 +167,8 @@ def _make_hook(adapter: AdapterModule):
         if adapter.multiplier == 0.0:
             return output
         x = inputs[0]
-        weight_dtype = next(adapter.parameters()).dtype
-        return output + adapter.delta(x.to(weight_dtype)).to(output.dtype)
+        if not (x.is_cuda and torch.is_autocast_enabled()):  # CUDA autocast casts x for the adapter's matmuls itself
+            x = x.to(adapter.weight_dtype)
+        return output + adapter.delta(x).to(output.dtype)
 
     return hook

@@ -1,0 +1,7 @@
+"""`python -m trainer.bench …`."""
+
+import sys
+
+from trainer.bench import main
+
+sys.exit(main())
