@@ -169,3 +169,13 @@ def test_saved_files_get_normal_permissions(images, tmp_path) -> None:
     finally:
         os.umask(umask)
     assert stat.S_IMODE(result.path.stat().st_mode) == 0o644, "readable by the WebUI whatever user it runs as"
+
+
+def test_intermediate_saves_never_replace_files_of_an_earlier_run(images, tmp_path) -> None:
+    earlier = tmp_path / "Lora" / "demo_2steps.safetensors"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's file")
+    result = run_training(RunContext(config_for(images, save_per_steps=2, save_overwrite=False), build_tiny("sd1"), dirs_in(tmp_path)))
+    assert earlier.read_bytes() == b"an earlier run's file"
+    assert {"demo_2steps_1.safetensors", "demo_4steps.safetensors", "demo.safetensors"} <= set(lora_files(tmp_path))
+    assert result.path.name == "demo.safetensors"

@@ -63,3 +63,13 @@ def output_path(folder: Path, stem: str, suffix: str, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise TrainTrainError(f"{path.name} already exists in {folder}: tick 'save overwrite' or choose another name.")
     return path
+
+
+def free_path(folder: Path, stem: str, suffix: str) -> Path:
+    """`folder/stem+suffix`, or the first free `stem_1`, `stem_2`, … when it exists: a name that replaces nothing."""
+    path = inside(folder, stem + suffix)
+    number = 0
+    while path.exists():
+        number += 1
+        path = inside(folder, f"{stem}_{number}{suffix}")
+    return path

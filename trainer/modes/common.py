@@ -15,7 +15,7 @@ import torch
 from trainer.config import TrainConfig
 from trainer.csvlog import CsvLog
 from trainer.diffusion import NoiseSchedule, weighted_loss
-from trainer.files import inside, output_path
+from trainer.files import free_path, inside, output_path
 from trainer.loop import LoopResult, LoopSettings, StepLoss, run_loop
 from trainer.models.bundle import BASE_MODEL_VERSION, ModelBundle
 from trainer.networks.kohya_io import PRECISIONS, network_from_file, save_network
@@ -170,8 +170,15 @@ class LoraWriter:
         self.saved: list[Path] = []
 
     def save(self, suffix: str, steps: int) -> Path:
-        """Save as `<stem><suffix>.safetensors` (atomic); weights that became NaN / inf are refused, never written."""
-        path = output_path(self.ctx.dirs.lora, self.stem + suffix, ".safetensors", self.config.save_overwrite)
+        """Save as `<stem><suffix>.safetensors` (atomic); weights that became NaN / inf are refused, never written.
+
+        With overwrite off an existing file is never replaced: the save takes the next free numbered name instead
+        (the final name was already refused up front; a file that appeared since must not cost the training)."""
+        folder, stem = self.ctx.dirs.lora, self.stem + suffix
+        if self.config.save_overwrite:
+            path = output_path(folder, stem, ".safetensors", overwrite=True)
+        else:
+            path = free_path(folder, stem, ".safetensors")
         c = self.config
         metadata = training_metadata(
             output_name=path.stem,
