@@ -102,17 +102,6 @@ def create_ui(
     return TrainTrainUI(queue, presets_dir, model_choices=model_choices, vae_choices=vae_choices, css=css)
 
 
-def build_ui(
-    provider: ModelProvider,
-    dirs: OutputDirs,
-    presets_dir: Path,
-    queue_file: Path,
-    *,
-    model_choices: Choices = _no_choices,
-    vae_choices: Choices = _no_choices,
-    css: str = "",
-) -> gr.Blocks:
-    """The TrainTrain Blocks for the WebUI tab or the standalone launcher."""
-    return create_ui(
-        provider, dirs, presets_dir, queue_file, model_choices=model_choices, vae_choices=vae_choices, css=css
-    ).blocks
+def build_ui(*args: Any, **kwargs: Any) -> gr.Blocks:
+    """The TrainTrain Blocks for the WebUI tab or the standalone launcher (arguments as `create_ui`)."""
+    return create_ui(*args, **kwargs).blocks
