@@ -234,3 +234,12 @@ def test_stop_can_let_the_queue_go_on(make_queue, tiny_provider, images):
     assert queue.wait_idle(WAIT)
     states = {entry.name: entry.state for entry in queue.status().results}
     assert states == {"long": "stopped", "next": "done"} and queue.entries() == []
+
+
+def test_stop_while_idle_changes_nothing(make_queue, tiny_provider, images):
+    queue = make_queue(RecordingProvider(tiny_provider))
+    assert queue.stop(save=False, continue_queue=True) == "Nothing is training."
+    queue.add(job(images, "queued only"))
+    assert [e.state for e in queue.entries()] == ["paused"], "Add to Queue still only queues"
+    queue.start(job(images, "now", iterations=2))
+    assert queue.wait_idle(WAIT)

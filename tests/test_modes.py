@@ -237,3 +237,12 @@ def test_addift_mask_from_the_originals_alpha_limits_the_loss(pair, tmp_path, mo
     mask = seen[0]
     assert mask.shape[-2:] == (8, 8)
     assert mask[..., :, :4].min() == 1 and mask[..., :, 4:].max() == 0, "opaque half trains, transparent half not"
+
+
+def test_difference_first_pass_only_is_not_refused_by_an_existing_final_name(pair, tmp_path) -> None:
+    (tmp_path / "Lora").mkdir()
+    (tmp_path / "Lora" / "diff.safetensors").write_bytes(b"another LoRA")
+    config = difference_config(*pair, train_iterations=2, diff_1st_pass_only=True, save_overwrite=False)
+    result = run(tmp_path, config)
+    assert result.path.name == "diff_copy.safetensors"
+    assert (tmp_path / "Lora" / "diff.safetensors").read_bytes() == b"another LoRA"

@@ -179,3 +179,44 @@ def test_intermediate_saves_never_replace_files_of_an_earlier_run(images, tmp_pa
     assert earlier.read_bytes() == b"an earlier run's file"
     assert {"demo_2steps_1.safetensors", "demo_4steps.safetensors", "demo.safetensors"} <= set(lora_files(tmp_path))
     assert result.path.name == "demo.safetensors"
+
+
+def test_schedule_free_periodic_saves_hold_the_evaluation_weights(images, tmp_path, monkeypatch) -> None:
+    import trainer.loop as loop
+
+    optimizers = []
+    real = loop.build_optimizer
+
+    def recording(*args, **kwargs):
+        optimizer = real(*args, **kwargs)
+        optimizers.append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(loop, "build_optimizer", recording)
+    seen = []
+    import trainer.modes.common as common
+
+    real_save = common.save_network
+
+    def save(*args, **kwargs):
+        seen.append(optimizers[0].param_groups[0]["train_mode"])
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(common, "save_network", save)
+    config = config_for(images, train_optimizer="AdamWScheduleFree", save_per_steps=2, train_learning_rate=1e-3)
+    run_training(RunContext(config, build_tiny("sd1"), dirs_in(tmp_path)))
+    assert seen == [False, False, False], "every save (steps 2, 4 and the final one) is made in eval mode"
+
+
+def test_resume_in_a_prompt_mode_keeps_only_unet_modules_and_real_metadata(images, tmp_path) -> None:
+    lora = run_training(RunContext(config_for(images, save_precision="fp32", network_rank=4), build_tiny("sd1"), dirs_in(tmp_path)))
+    tensors, _ = kohya_io.read_network_file(lora.path)
+    assert any(k.startswith("lora_te") for k in tensors)
+    ileco = TrainConfig(
+        mode="iLECO", original_prompt="a red circle", save_lora_name="resumed", network_resume=str(lora.path),
+        train_iterations=2, image_size=(64, 64), network_rank=16, train_model_precision="fp32", logging_save_csv=False,
+    )
+    result = run_training(RunContext(ileco, build_tiny("sd1"), dirs_in(tmp_path)))
+    tensors, metadata = kohya_io.read_network_file(result.path)
+    assert tensors and not any(k.startswith("lora_te") for k in tensors), "prompt modes train the UNet only"
+    assert metadata["ss_network_dim"] == "4", "the metadata describes the resumed network, not the settings"

@@ -143,10 +143,10 @@ class JobQueue:
 
         `save` None follows the job's 'save on stop'."""
         with self._lock:
-            self._paused = not continue_queue
-            self._changed()
             if self._current is None:
                 return "Nothing is training."
+            self._paused = not continue_queue
+            self._changed()
             save = self._current.save_on_stop if save is None else save
             self._stop.request(save=save)
             name, waiting = self._current.effective_name, len(self._pending)

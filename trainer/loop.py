@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -89,6 +89,8 @@ def run_loop(
     started = time.monotonic()
     network.train()
 
+    plateau = needs_metric(scheduler)
+
     def flush() -> None:
         if not pending:
             return
@@ -101,6 +103,8 @@ def run_loop(
                     "model precision, or a lower network alpha)."
                 )
             result.losses.append(value)
+            if plateau:  # reduce_on_plateau steps on the losses read back here: no extra device sync per step
+                scheduler.step(value)
             if csv_log is not None:
                 csv_log.add(step, value, lrs)
         last_step, _, lrs = pending[-1]
@@ -134,9 +138,7 @@ def run_loop(
                 "size or network rank."
             ) from error
         optimizer.zero_grad(set_to_none=True)
-        if needs_metric(scheduler):
-            scheduler.step(float(loss.detach()))
-        elif scheduler is not None:
+        if scheduler is not None and not plateau:
             scheduler.step()
         result.steps = step
         pending.append((step, loss.detach(), lrs))
@@ -144,7 +146,8 @@ def run_loop(
         if len(pending) >= sync_every or periodic or step == settings.iterations:
             flush()
         if periodic:
-            save(f"_{step}steps", step)
+            with _evaluation_weights(optimizer):
+                save(f"_{step}steps", step)
     flush()
     if is_schedule_free(optimizer):
         optimizer.eval()  # the evaluation weights are the ones to save
@@ -154,6 +157,19 @@ def run_loop(
 def readback_interval(device: torch.device) -> int:
     """Steps between loss read-backs, which are also the progress events: every step on the CPU, 10 on a GPU."""
     return 1 if device.type == "cpu" else GPU_READBACK_EVERY
+
+
+@contextlib.contextmanager
+def _evaluation_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Schedule-free optimizers hold their evaluation weights only in eval mode: saves happen there."""
+    if not is_schedule_free(optimizer):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
 
 
 def _autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:

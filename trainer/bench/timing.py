@@ -96,7 +96,7 @@ def bench_config(settings: BenchSettings, data_dir: Path | None, iterations: int
     """The mode's settings: UNet-only rank-16 LierLa, constant lr, bf16 model on a GPU, fp32 LoRA, no CSV or saves."""
     from trainer.config import TrainConfig
     from trainer.config_fields import BLOCKS_SD
-    from trainer.networks.network import TEXT_BLOCK
+    from trainer.models.targets import TEXT_BLOCK
 
     side = settings.side
     return TrainConfig(

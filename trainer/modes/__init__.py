@@ -24,7 +24,9 @@ def run_training(ctx: RunContext) -> TrainResult:
         if settings is not None:
             check_optimizer(settings.train_optimizer, settings.train_optimizer_settings)
             check_scheduler(settings.train_lr_scheduler, settings.train_lr_scheduler_settings, settings.train_lr_step_rules)
-    output_path(ctx.dirs.lora, config.effective_name, ".safetensors", config.save_overwrite)
+    first_pass_only = config.mode == "Difference" and config.diff_1st_pass_only
+    final_stem = config.effective_name + ("_copy" if first_pass_only else "")
+    output_path(ctx.dirs.lora, final_stem, ".safetensors", config.save_overwrite)
     if config.save_as_json:
         day = ctx.stamp.split("_")[0]
         path = inside(ctx.dirs.jsons, f"{day}/{config.effective_name}-{ctx.stamp}.json")

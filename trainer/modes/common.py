@@ -20,7 +20,8 @@ from trainer.loop import LoopResult, LoopSettings, StepLoss, run_loop
 from trainer.models.bundle import BASE_MODEL_VERSION, ModelBundle
 from trainer.networks.kohya_io import PRECISIONS, network_from_file, save_network
 from trainer.networks.kohya_io import training_metadata
-from trainer.networks.network import TEXT_BLOCK, Network, NetworkSpec
+from trainer.models.targets import TEXT_BLOCK
+from trainer.networks.network import Network, NetworkSpec
 from trainer.progress import ProgressCallback, StopFlag
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,11 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if config.train_model_precision == "bf16" else torch.float16
 
 
-def build_network(ctx: RunContext, config: TrainConfig, *, text_encoder: bool) -> Network:
-    """Create the pass's network (or resume one from `network_resume`), on the model's device."""
+def build_network(ctx: RunContext, config: TrainConfig, *, text_encoder: bool, resume: bool = True) -> Network:
+    """Create the pass's network (or, with `resume`, continue the one in `network_resume`), on the model's device."""
     targets = ctx.bundle.lora_targets()
-    if config.network_resume:
-        network = network_from_file(Path(config.network_resume), targets)
+    if resume and config.network_resume:
+        network = network_from_file(Path(config.network_resume), targets, text_encoder=text_encoder)
     else:
         network = Network.build(network_spec(config, text_encoder=text_encoder), targets)
     if config.logging_verbose:
@@ -179,14 +180,14 @@ class LoraWriter:
             path = output_path(folder, stem, ".safetensors", overwrite=True)
         else:
             path = free_path(folder, stem, ".safetensors")
-        c = self.config
+        c, spec = self.config, self.network.spec
         metadata = training_metadata(
             output_name=path.stem,
-            network_type=c.network_type,
-            rank=c.network_rank,
-            alpha=c.network_alpha,
-            conv_rank=c.network_conv_rank,
-            conv_alpha=c.network_conv_alpha,
+            network_type=spec.network_type,
+            rank=spec.rank,
+            alpha=spec.alpha,
+            conv_rank=spec.conv_rank,
+            conv_alpha=spec.conv_alpha,
             base_model_version=BASE_MODEL_VERSION[self.ctx.bundle.kind],
             v_prediction=self.ctx.bundle.prediction == "v",
             settings={

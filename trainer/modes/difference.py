@@ -95,7 +95,7 @@ def _second_pass(
     copier.set_multiplier(1.0)
     generator = seeded_generator(config.resolved_seed(), bundle.device)
     with copier.applied():
-        network = build_network(ctx, config, text_encoder=False)
+        network = build_network(ctx, config, text_encoder=False, resume=False)  # the slider starts from zero
         latents = target.repeat(config.train_batch_size, 1, 1, 1)
         step_loss = _reproduce(bundle, Objective(bundle, config), generator, latents, cond.repeat(latents.shape[0]))
         return train_network(ctx, config, network, step_loss, stem=config.effective_name, phase="2nd pass")

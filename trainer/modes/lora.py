@@ -19,7 +19,7 @@ from trainer.modes.common import (
     seeded_generator,
     train_network,
 )
-from trainer.networks.network import TEXT_BLOCK
+from trainer.models.targets import TEXT_BLOCK
 
 log = logging.getLogger(__name__)
 

@@ -108,11 +108,14 @@ def _adapter_shape(tensors: dict[str, torch.Tensor], name: str) -> tuple[str, in
     return kind, rank, float(alpha) if alpha is not None else float(rank)
 
 
-def network_from_file(path: Path, targets: list[LoraTarget]) -> Network:
-    """A network with exactly the modules, ranks, alphas and weights of a saved file (resume, copy machine)."""
+def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bool = True) -> Network:
+    """A network with exactly the modules, ranks, alphas and weights of a saved file (resume, copy machine);
+    without `text_encoder`, the file's text-encoder modules are left out (modes that encode prompts once)."""
     tensors, _ = read_network_file(path)
     layers = {t.name: t.module for t in targets}
-    names = sorted(module_names(tensors))
+    names = sorted(n for n in module_names(tensors) if text_encoder or not n.startswith("lora_te"))
+    if not names:
+        raise TrainTrainError(f"{Path(path).name} has no UNet modules to train in this mode.")
     unknown = [n for n in names if n not in layers]
     if unknown:
         raise TrainTrainError(
@@ -123,11 +126,18 @@ def network_from_file(path: Path, targets: list[LoraTarget]) -> Network:
     for name in names:
         kind, rank, alpha = _adapter_shape(tensors, name)
         adapters[name] = ADAPTERS[kind](layers[name], rank, alpha)
-    kind, rank, alpha = _adapter_shape(tensors, names[0])
-    spec = NetworkSpec("loha" if kind == "loha" else "c3lier", rank=rank, alpha=alpha)
-    network = Network(spec, adapters, {n: layers[n] for n in names})
+    network = Network(_spec_of(adapters), adapters, {n: layers[n] for n in names})
     load_into(network, tensors)
     return network
+
+
+def _spec_of(adapters: dict[str, AdapterModule]) -> NetworkSpec:
+    """The network type, ranks and alphas a loaded file actually has (for its metadata when saved again)."""
+    first = next(iter(adapters.values()))
+    spatial = [a for a in adapters.values() if a.is_conv and a.kernel != (1, 1)]
+    network_type = "loha" if first.kind == "loha" else ("c3lier" if spatial else "lierla")
+    conv_rank, conv_alpha = (spatial[0].rank, float(spatial[0].alpha)) if spatial else (0, 0.0)
+    return NetworkSpec(network_type, first.rank, float(first.alpha), conv_rank, conv_alpha)
 
 
 def training_metadata(

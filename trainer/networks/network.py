@@ -21,7 +21,6 @@ from trainer.models.bundle import (
 )
 from trainer.networks.modules import ADAPTERS, AdapterModule
 
-TEXT_BLOCK = "BASE"
 
 
 @dataclass
