@@ -62,3 +62,21 @@ def test_bad_settings_and_names_are_refused(tmp_path):
         save_variants(_square(), "../escape", tmp_path, AugmentSettings(count=1))
     with pytest.raises(TrainTrainError, match="not a folder"):
         augment_folder(tmp_path / "missing", AugmentSettings())
+
+
+def test_disk_full_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch) -> None:
+    import errno
+
+    import pytest
+    from PIL import Image
+
+    from trainer.augment import AugmentSettings, save_variants
+    from trainer.errors import TrainTrainError
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(TrainTrainError, match="No space left on device"):
+        save_variants(Image.new("RGBA", (32, 32)), "x", tmp_path, AugmentSettings(count=2))
+    assert list(tmp_path.iterdir()) == []

@@ -63,3 +63,13 @@ def test_missing_logs_say_what_to_do(tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(TrainTrainError, match="not a TrainTrain CSV log"):
         read_log(tmp_path / "bad.csv")
+
+
+def test_plot_refuses_wildcards(tmp_path) -> None:
+    import pytest
+
+    from trainer.errors import TrainTrainError
+
+    (tmp_path / "a.csv").write_text("Step,Loss\n1,0.5\n")
+    with pytest.raises(TrainTrainError, match="plain file name"):
+        find_log(tmp_path, "*")

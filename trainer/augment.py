@@ -91,7 +91,7 @@ def augment_file(path: Path, out_dir: Path, settings: AugmentSettings) -> list[P
     try:
         with Image.open(path) as image:
             image.load()
-    except OSError as error:
+    except (OSError, Image.DecompressionBombError) as error:
         raise TrainTrainError(f"Cannot open image {path}: {error}. Choose a PNG, JPEG or WebP file.") from error
     return save_variants(image, Path(path).stem, out_dir, settings)
 

@@ -13,7 +13,8 @@ from trainer.errors import TrainTrainError
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path in the target's folder; on success it replaces `path`, on failure it is removed."""
+    """Yield a temp path in the target's folder; on success it replaces `path`, on failure it is removed. An OSError
+    while writing (disk full, permissions) becomes a TrainTrainError."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +27,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, _new_file_mode())  # mkstemp makes the file owner-only; give it a normal file's permissions
         os.replace(tmp, path)
+    except OSError as error:
+        raise TrainTrainError(
+            f"Could not write {path}: {error.strerror or error}. Check free space and permissions."
+        ) from error
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -40,12 +45,16 @@ def _new_file_mode() -> int:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write text atomically (UTF-8)."""
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-    except OSError as error:
-        raise TrainTrainError(f"Could not write {path}: {error.strerror or error}. Check free space and permissions.")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def plain_name(name: str, hint: str) -> str:
+    """`name` when it is a plain file name (no folders, no `..`, no glob characters); else a TrainTrainError + `hint`."""
+    if not name or any(c in name for c in "/\\*?[]") or ".." in name:
+        raise TrainTrainError(f"{name!r} is not a plain file name: {hint}")
+    return name
 
 
 def inside(folder: Path, name: str) -> Path:

@@ -11,6 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trainer.errors import TrainTrainError
+from trainer.files import plain_name
 
 
 @dataclass
@@ -31,8 +32,7 @@ def find_log(logs_dir: Path, name: str = "") -> Path:
         if not logs:
             raise TrainTrainError(f"No CSV log in {logs_dir}: tick 'logging save csv' and train first.")
         return max(logs, key=lambda p: p.stat().st_mtime)
-    if "/" in name or "\\" in name or ".." in name:
-        raise TrainTrainError(f"{name!r} is not a plain file name: give the name of a CSV file in {logs_dir}.")
+    plain_name(name, f"give the name of a CSV file in {logs_dir}.")
     file_name = name if name.lower().endswith(".csv") else f"{name}.csv"
     matches = sorted(logs_dir.rglob(file_name)) if logs_dir.is_dir() else []
     if not matches:

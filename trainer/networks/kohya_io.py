@@ -52,11 +52,8 @@ def save_network(
             f"The network weights became NaN or infinite (or too large for the save precision) by step {steps}: "
             "training stopped and the last good save is kept. Lower the learning rate or the network alpha."
         )
-    try:
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-    except OSError as error:
-        raise TrainTrainError(f"Could not write {path}: {error.strerror or error}. Check free space and permissions.")
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

@@ -182,8 +182,11 @@ def _raw(spec: FieldSpec, value: Any) -> Any:
         return spec.raw(value)
     if not value or not Path(value).is_file():
         return None
-    with Image.open(value) as image:
-        return image.convert("RGBA")
+    try:
+        with Image.open(value) as image:
+            return image.convert("RGBA")
+    except (OSError, Image.DecompressionBombError) as error:
+        raise TrainTrainError(f"Cannot open the image {value}: {error}. Choose it again.") from error
 
 
 def _image_path(image: Image.Image | None) -> str:

@@ -9,7 +9,7 @@ import gradio as gr
 
 from trainer.config import TrainConfig
 from trainer.errors import TrainTrainError
-from trainer.files import inside
+from trainer.files import inside, plain_name
 from trainer.ui.handlers import shows_errors
 from trainer.ui.params import ParamsPanel
 
@@ -45,9 +45,7 @@ def find_saved_json(jsons_dir: Path, name: str) -> Path:
 
 
 def _plain(name: str) -> str:
-    if not name or "/" in name or "\\" in name or ".." in name:
-        raise TrainTrainError(f"{name!r} is not a plain file name: give a name without folders.")
-    return name
+    return plain_name(name, "give a name without folders or wildcards.")
 
 
 class PresetsPanel:
