@@ -8,6 +8,7 @@ import torch
 
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import ModelBundle
+from trainer.precision import weight_dtype
 
 TINY_MODELS = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
@@ -15,13 +16,6 @@ TINY_MODELS = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl":
 def default_device() -> torch.device:
     """CUDA when present, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def weight_dtype(model_precision: str, device: torch.device) -> torch.dtype:
-    """dtype of the frozen weights: the model precision on a GPU, fp32 on the CPU (half precision is slow there)."""
-    if device.type == "cpu" or model_precision == "fp32":
-        return torch.float32
-    return torch.bfloat16 if model_precision == "bf16" else torch.float16
 
 
 def open_model(

@@ -22,7 +22,7 @@ from torch import nn
 from trainer.config import TrainConfig
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import ModelBundle
-from trainer.models.open import weight_dtype
+from trainer.precision import weight_dtype
 
 FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 LOWVRAM_HOOK = "send_me_to_gpu"  # the forward pre-hook modules/lowvram.py puts on the offloaded modules

@@ -18,10 +18,11 @@ from trainer.diffusion import NoiseSchedule, weighted_loss
 from trainer.files import free_path, inside, output_path
 from trainer.loop import LoopResult, LoopSettings, StepLoss, run_loop
 from trainer.models.bundle import BASE_MODEL_VERSION, ModelBundle
-from trainer.networks.kohya_io import PRECISIONS, network_from_file, save_network
+from trainer.networks.kohya_io import network_from_file, save_network
 from trainer.networks.kohya_io import training_metadata
 from trainer.models.targets import TEXT_BLOCK
 from trainer.networks.network import Network, NetworkSpec
+from trainer.precision import autocast_dtype, precision_dtype
 from trainer.progress import ProgressCallback, StopFlag
 
 log = logging.getLogger(__name__)
@@ -85,14 +86,7 @@ def network_spec(config: TrainConfig, *, text_encoder: bool) -> NetworkSpec:
 
 def lora_dtype(config: TrainConfig) -> torch.dtype:
     """dtype of the trained adapter weights."""
-    return PRECISIONS[config.train_lora_precision]
-
-
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype on CUDA from the model precision; None on the CPU (fp32 there)."""
-    if device.type != "cuda" or config.train_model_precision == "fp32":
-        return None
-    return torch.bfloat16 if config.train_model_precision == "bf16" else torch.float16
+    return precision_dtype(config.train_lora_precision)
 
 
 def build_network(ctx: RunContext, config: TrainConfig, *, text_encoder: bool, resume: bool = True) -> Network:
@@ -127,7 +121,7 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
         power=config.train_lr_scheduler_power,
         step_rules=config.train_lr_step_rules,
         save_every=config.save_per_steps,
-        autocast_dtype=autocast_dtype(config, device),
+        autocast_dtype=autocast_dtype(config.train_model_precision, device),
     )
 
 
@@ -213,7 +207,7 @@ class LoraWriter:
             started_at=self.ctx.started_at,
             steps=steps,
         )
-        save_network(path, self.network, metadata, PRECISIONS[c.save_precision], c.network_strength, steps)
+        save_network(path, self.network, metadata, precision_dtype(c.save_precision), c.network_strength, steps)
         self.saved.append(path)
         log.info("Saved %s", path)
         return path

@@ -16,7 +16,6 @@ from trainer.models.bundle import LoraTarget
 from trainer.networks.modules import ADAPTERS, AdapterModule, LoHaModule, LoRAModule
 from trainer.networks.network import Network, NetworkSpec
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "model": torch.float16}
 
 
 def network_tensors(network: Network, dtype: torch.dtype, strength: float = 1.0) -> dict[str, torch.Tensor]:
