@@ -17,7 +17,7 @@ from trainer.csvlog import CsvLog
 from trainer.diffusion import NoiseSchedule, weighted_loss
 from trainer.files import free_path, inside, output_path
 from trainer.loop import LoopResult, LoopSettings, StepLoss, run_loop
-from trainer.models.bundle import BASE_MODEL_VERSION, ModelBundle
+from trainer.models.bundle import BASE_MODEL_VERSION, Conditioning, ModelBundle
 from trainer.networks.kohya_io import network_from_file, save_network
 from trainer.networks.kohya_io import training_metadata
 from trainer.models.targets import TEXT_BLOCK
@@ -138,6 +138,20 @@ class Objective:
         return self.schedule.sample_timesteps(
             batch, c.train_min_timesteps, c.train_max_timesteps, generator, shared=c.train_fixed_timsteps_in_batch
         )
+
+    def denoising_loss(
+        self,
+        bundle: ModelBundle,
+        latents: torch.Tensor,
+        cond: Conditioning,
+        generator: torch.Generator,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The standard objective: noise `latents` at random timesteps and predict the noise (or velocity)."""
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        timesteps = self.timesteps(latents.shape[0], generator)
+        prediction = bundle.predict(self.schedule.add_noise(latents, noise, timesteps), timesteps, cond)
+        return self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, mask)
 
     def loss(
         self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None

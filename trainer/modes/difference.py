@@ -45,15 +45,7 @@ def find_first_pass_file(ctx: RunContext, name: str) -> Path:
 def _reproduce(bundle: ModelBundle, objective: Objective, generator: torch.Generator, latents: torch.Tensor,
                cond: Conditioning):
     """A step loss that teaches the model to denoise `latents` (standard ε / v objective)."""
-
-    def step_loss(_index: int) -> torch.Tensor:
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        timesteps = objective.timesteps(latents.shape[0], generator)
-        noisy = objective.schedule.add_noise(latents, noise, timesteps)
-        prediction = bundle.predict(noisy, timesteps, cond)
-        return objective.loss(prediction, objective.schedule.target(latents, noise, timesteps), timesteps)
-
-    return step_loss
+    return lambda _index: objective.denoising_loss(bundle, latents, cond, generator)
 
 
 def train_difference(ctx: RunContext) -> TrainResult:

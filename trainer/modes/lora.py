@@ -80,14 +80,9 @@ def train_lora(ctx: RunContext) -> TrainResult:
 
         def step_loss(_index: int) -> torch.Tensor:
             batch = dataset.sample_batch(config.train_batch_size, sampler)
-            latents = batch.latents.to(bundle.device)
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            timesteps = objective.timesteps(latents.shape[0], generator)
-            noisy = objective.schedule.add_noise(latents, noise, timesteps)
-            prediction = bundle.predict(noisy, timesteps, prompts(batch.prompts))
-            target = objective.schedule.target(latents, noise, timesteps)
             mask = None if batch.masks is None else batch.masks.to(bundle.device)
-            return objective.loss(prediction, target, timesteps, mask)
+            latents = batch.latents.to(bundle.device)
+            return objective.denoising_loss(bundle, latents, prompts(batch.prompts), generator, mask)
 
         tags = tag_frequency(dataset.prompts)
         return train_network(ctx, config, network, step_loss, stem=config.effective_name, tags=tags)
