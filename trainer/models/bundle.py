@@ -110,6 +110,12 @@ class ModelBundle(Protocol):
         ...
 
 
+def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a module's first floating-point parameter."""
+    parameter = next(p for p in module.parameters() if p.is_floating_point())
+    return parameter.device, parameter.dtype
+
+
 @contextlib.contextmanager
 def frozen(modules: list[nn.Module]) -> Iterator[None]:
     """Freeze the parameters of `modules` for the duration, restoring each `requires_grad` and train/eval flag."""

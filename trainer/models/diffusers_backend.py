@@ -13,7 +13,7 @@ from transformers import CLIPTokenizer
 
 from trainer.devices import host_values_on
 from trainer.errors import TrainTrainError
-from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, frozen
+from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, frozen, placement
 from trainer.models.targets import collect_targets, unet_kohya_paths
 from trainer.models.tokenizer import MAX_TOKENS
 
@@ -49,12 +49,6 @@ def uniform_layers_per_block(unet: UNet2DConditionModel) -> int:
 def _final_layer_norm(encoder: nn.Module) -> nn.Module:
     """The final LayerNorm of a CLIP text encoder (transformers 5 drops CLIPTextModel's `text_model` level)."""
     return getattr(encoder, "text_model", encoder).final_layer_norm
-
-
-def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of a module's (first) parameter."""
-    parameter = next(module.parameters())
-    return parameter.device, parameter.dtype
 
 
 class DiffusersBundle:
@@ -159,7 +153,7 @@ class DiffusersBundle:
         """Place and freeze every module, eval mode; afterwards restore device, dtype, requires_grad, mode, checkpointing."""
         parts = self.components
         modules = [parts.unet, *parts.text_encoders, parts.vae]
-        placements = [(module, *_placement(module)) for module in modules]
+        placements = [(module, *placement(module)) for module in modules]
         checkpointing = self._checkpointing
         try:
             self._place()

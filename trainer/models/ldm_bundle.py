@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer
 
 from trainer.devices import host_values_on
 from trainer.errors import TrainTrainError
-from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction
+from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, placement
 from trainer.models.ldm_convert import text_encoder_ldm_to_diffusers_names, unet_ldm_to_diffusers_names
 from trainer.models.ldm_state import TrainingState
 from trainer.models.openclip_text import OpenClipText
@@ -119,12 +119,6 @@ def _text_encoder(embedder: nn.Module, prefix: str, tokenizer: CLIPTokenizer | N
     raise TrainTrainError(f"Unsupported text encoder {type(inner).__name__}: load an SD1, SD2 or SDXL checkpoint.")
 
 
-def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of a module's first floating-point parameter."""
-    parameter = next(p for p in module.parameters() if p.is_floating_point())
-    return parameter.device, parameter.dtype
-
-
 def diffusers_unet_config(unet: nn.Module) -> dict[str, Any]:
     """A diffusers UNet config naming the same layers as an LDM / sgm `UNetModel` (levels, depths, attention)."""
     layers = list(unet.num_res_blocks)
@@ -171,7 +165,7 @@ class LdmBundle:
         self.prediction: Prediction = model_prediction(sd_model)
         self.unet: nn.Module = sd_model.model.diffusion_model
         self.vae: nn.Module = sd_model.first_stage_model
-        unet_device, unet_dtype = _placement(self.unet)
+        unet_device, unet_dtype = placement(self.unet)
         self.device = torch.device(device) if device is not None else unet_device
         self.dtype = dtype or unet_dtype
         self.vae_dtype = vae_dtype
@@ -211,7 +205,7 @@ class LdmBundle:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels → a latent sample × `scale_factor`, float32 (LDM's VAE returns a distribution, sgm's a sample)."""
-        device, dtype = _placement(self.vae)
+        device, dtype = placement(self.vae)
         encoded = self.vae.encode(pixels.to(device, dtype))
         latents = encoded.sample() if hasattr(encoded, "sample") else encoded
         return (latents * self.scale_factor).float()
@@ -219,7 +213,7 @@ class LdmBundle:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → pixels clamped to [-1,1], float32."""
-        device, dtype = _placement(self.vae)
+        device, dtype = placement(self.vae)
         pixels = self.vae.decode(latents.to(device, dtype) / self.scale_factor)
         return pixels.float().clamp(-1.0, 1.0)
 
