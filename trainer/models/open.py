@@ -30,12 +30,12 @@ def open_model(
         from trainer.models.tiny import build_tiny_components
 
         components = build_tiny_components(TINY_MODELS[model])
+        if v_pred:
+            components.prediction = "v"
     else:
         from trainer.models.checkpoint import load_checkpoint
 
         if not model:
             raise TrainTrainError("No model given: pass --model with a checkpoint file, a diffusers folder or 'tiny'.")
         components = load_checkpoint(Path(model), vae_path=Path(vae) if vae else None, v_pred=v_pred or None)
-    if v_pred:
-        components.prediction = "v"
     return DiffusersBundle(components, device=device, dtype=dtype)
