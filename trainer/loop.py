@@ -1,4 +1,5 @@
-"""The one training loop: optimizer and scheduler, autocast, periodic save, CSV log, progress, stop flag, NaN guard."""
+"""The one training loop: optimizer and scheduler, how steps run (eager, compiled, CUDA graphs), periodic save,
+CSV log, progress, stop flag, NaN guard."""
 
 from __future__ import annotations
 
@@ -13,14 +14,24 @@ from typing import Callable, Iterator
 import torch
 
 from trainer.csvlog import CsvLog
+from trainer.cuda_graphs import CapturedSteps, CudaGraphBackend
 from trainer.errors import TrainTrainError
 from trainer.networks.network import Network
-from trainer.optim import build_optimizer, build_scheduler, current_lrs, is_schedule_free, needs_metric
+from trainer.optim import (
+    Scheduler,
+    build_optimizer,
+    build_scheduler,
+    current_lrs,
+    graph_refusal,
+    is_schedule_free,
+    needs_metric,
+)
 from trainer.progress import Progress, ProgressCallback, StopFlag
+from trainer.step import EagerSteps, OptimizerStep, StepInputs, TrainingStep
 
 log = logging.getLogger(__name__)
 
-StepLoss = Callable[[int], torch.Tensor]  # step index (0-based) -> scalar loss with grad
+StepRunner = Callable[[StepInputs], torch.Tensor]  # one optimizer step on the inputs -> detached loss
 GPU_READBACK_EVERY = 10  # steps between loss read-backs on a GPU (each read-back waits for the device)
 
 
@@ -41,6 +52,8 @@ class LoopSettings:
     step_rules: str = ""
     save_every: int = 0
     autocast_dtype: torch.dtype | None = None  # fp16 / bf16 on CUDA; None = no autocast
+    cuda_graph: bool = True  # capture each step signature as a CUDA graph where safe (CUDA only)
+    compile: bool = False  # torch.compile the loss computation
 
 
 @dataclass
@@ -58,7 +71,7 @@ Saver = Callable[[str, int], Path]  # (file-name suffix, steps done) -> saved pa
 def run_loop(
     settings: LoopSettings,
     network: Network,
-    step_loss: StepLoss,
+    step: TrainingStep,
     *,
     save: Saver,
     csv_log: CsvLog | None = None,
@@ -66,9 +79,13 @@ def run_loop(
     stop: StopFlag | None = None,
     phase: str = "",
 ) -> LoopResult:
-    """Train `network` for `settings.iterations` steps of `step_loss`; periodic saves go through `save`."""
+    """Train `network` for `settings.iterations` steps of `step`; periodic saves go through `save`."""
+    device = next(network.parameters()).device
+    graphs = settings.cuda_graph and device.type == "cuda"
     params = network.param_groups(settings.learning_rate, settings.text_encoder_lr or None)
-    optimizer = build_optimizer(settings.optimizer, params, settings.learning_rate, settings.optimizer_settings)
+    optimizer = build_optimizer(
+        settings.optimizer, params, settings.learning_rate, settings.optimizer_settings, capturable=graphs
+    )
     scheduler = build_scheduler(
         settings.scheduler,
         optimizer,
@@ -79,8 +96,7 @@ def run_loop(
         step_rules=settings.step_rules,
         settings=settings.scheduler_settings,
     )
-    device = next(network.parameters()).device
-    scaler = _grad_scaler(settings.autocast_dtype, device)
+    run_step = _step_runner(settings, step, optimizer, scheduler, device, graphs)
     if is_schedule_free(optimizer):  # schedule-free optimizers keep separate train / eval weights
         optimizer.train()
     result = LoopResult(steps=0)
@@ -98,7 +114,7 @@ def run_loop(
         for (step, _, lrs), value in zip(pending, values):
             if not math.isfinite(value):
                 raise TrainTrainError(
-                    f"The loss became {value} at step {step}: training stopped and the last good save is kept. "
+                    f"The loss became {value} at step {index}: training stopped and the last good save is kept. "
                     f"Likely causes: a learning rate too high ({lrs[-1]:.3g}), or fp16 overflow (try bf16 or fp32 "
                     "model precision, or a lower network alpha)."
                 )
@@ -106,8 +122,8 @@ def run_loop(
             if plateau:  # reduce_on_plateau steps on the losses read back here: no extra device sync per step
                 scheduler.step(value)
             if csv_log is not None:
-                csv_log.add(step, value, lrs)
-        last_step, _, lrs = pending[-1]
+                csv_log.add(index, value, lrs)
+        last_step, lrs = pending[-1][0], [float(lr) for lr in pending[-1][2]]
         pending.clear()
         if csv_log is not None:
             csv_log.flush()
@@ -120,38 +136,50 @@ def run_loop(
         if stop is not None and stop.requested:
             result.stopped = True
             break
-        step = index + 1
+        done = index + 1
         try:
-            with _autocast(settings.autocast_dtype, device):
-                loss = step_loss(index)
+            inputs = step.inputs(index)
             lrs = current_lrs(optimizer)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss = run_step(inputs)
         except torch.cuda.OutOfMemoryError as error:
             raise TrainTrainError(
-                f"Out of GPU memory at step {step}: turn on gradient checkpointing, or lower the batch size, image "
+                f"Out of GPU memory at step {done}: turn on gradient checkpointing, or lower the batch size, image "
                 "size or network rank."
             ) from error
-        optimizer.zero_grad(set_to_none=True)
         if scheduler is not None and not plateau:
             scheduler.step()
-        result.steps = step
-        pending.append((step, loss.detach(), lrs))
-        periodic = settings.save_every > 0 and step % settings.save_every == 0 and step < settings.iterations
-        if len(pending) >= sync_every or periodic or step == settings.iterations:
+        result.steps = done
+        pending.append((done, loss, lrs))
+        periodic = settings.save_every > 0 and done % settings.save_every == 0 and done < settings.iterations
+        if len(pending) >= sync_every or periodic or done == settings.iterations:
             flush()
         if periodic:
             with _evaluation_weights(optimizer):
-                save(f"_{step}steps", step)
+                save(f"_{done}steps", done)
     flush()
     if is_schedule_free(optimizer):
         optimizer.eval()  # the evaluation weights are the ones to save
     return result
+
+
+def _step_runner(
+    settings: LoopSettings,
+    step: TrainingStep,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler | None,
+    device: torch.device,
+    graphs: bool,
+) -> StepRunner:
+    """How each step runs: replayed CUDA graphs where the setting, the device and the optimizer allow, else eagerly;
+    the loss computation compiled when asked."""
+    optimizer_step = OptimizerStep(step.loss, optimizer, settings.autocast_dtype, device, compile=settings.compile)
+    if not graphs:
+        return EagerSteps(optimizer_step)
+    refusal = graph_refusal(optimizer, scheduler)
+    if refusal:
+        log.info("Steps run without CUDA graphs: %s", refusal)
+        return EagerSteps(optimizer_step)
+    return CapturedSteps(optimizer_step, CudaGraphBackend())
 
 
 def readback_interval(device: torch.device) -> int:
@@ -170,15 +198,3 @@ def _evaluation_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         yield
     finally:
         optimizer.train()
-
-
-def _autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
-    if dtype is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def _grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
-    if dtype is torch.float16 and device.type == "cuda":
-        return torch.amp.GradScaler("cuda")
-    return None

@@ -76,6 +76,9 @@ _RECIPES: dict[str, _Recipe] = {
     "AdamMini": _Recipe(("pytorch_optimizer:AdamMini",), "pytorch-optimizer", kind="model"),
 }
 _RUN_KWARGS = {"fused", "foreach", "capturable", "differentiable"}  # settings that take the torch choice away
+CAPTURABLE_OPTIMIZERS = ("AdamW", "Adam")  # fused + capturable kernels: their step can be replayed in a CUDA graph
+# Schedulers that change more than the learning rate each step (momentum / betas), which a CUDA graph would freeze.
+_MOMENTUM_SCHEDULERS = (lr_scheduler.CyclicLR, lr_scheduler.OneCycleLR)
 
 
 def _recipe(name: str) -> tuple[str, _Recipe]:
@@ -134,9 +137,12 @@ def _checked_class(name: str, settings: dict[str, Any]) -> tuple[str, _Recipe, t
 
 
 def build_optimizer(
-    name: str, param_groups: list[dict], lr: float, settings: dict[str, Any] | None = None
+    name: str, param_groups: list[dict], lr: float, settings: dict[str, Any] | None = None, *, capturable: bool = False
 ) -> Optimizer:
-    """The optimizer `name` (case-insensitive) over `param_groups` with `settings` as keyword arguments."""
+    """The optimizer `name` (case-insensitive) over `param_groups` with `settings` as keyword arguments.
+
+    With `capturable`, AdamW / Adam on CUDA are built so their step can be captured in a CUDA graph: the fused,
+    capturable kernel, with each group's learning rate a device tensor the scheduler updates in place."""
     settings = dict(settings or {})
     display, recipe, cls = _checked_class(name, settings)
     groups = [{**group, "params": list(group["params"])} for group in param_groups]
@@ -145,6 +151,13 @@ def build_optimizer(
         raise TrainTrainError("Nothing to train: no network module matched. Tick more 'network blocks'.")
     kwargs = {**recipe.defaults, **_torch_choice(recipe, cls, params, settings), **settings}
     kwargs["lr"] = None if own_learning_rate(display, settings) else lr
+    if capturable and display in CAPTURABLE_OPTIMIZERS and kwargs.get("fused") and not settings.keys() & _RUN_KWARGS:
+        kwargs["capturable"] = True
+        device = params[0].device
+        kwargs["lr"] = torch.tensor(float(lr), device=device)
+        for group in groups:
+            if "lr" in group:
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
     if recipe.kind == "bnb":
         _check_bitsandbytes(params)
     if display in ADAPTIVE_OPTIMIZERS:
@@ -215,15 +228,32 @@ def uses_own_schedule(optimizer: Optimizer) -> bool:
     return any(group.get("relative_step") for group in optimizer.param_groups)
 
 
-def current_lrs(optimizer: Optimizer) -> list[float]:
-    """The learning rate each group steps with (schedule-free: the scheduled one; Prodigy/D-Adapt: d × lr)."""
-    lrs = []
+def graph_refusal(optimizer: Optimizer, scheduler: Scheduler | None) -> str:
+    """Why this optimizer / scheduler pair cannot run inside a CUDA graph; empty when it can."""
+    if not optimizer.defaults.get("capturable"):
+        return (
+            f"{type(optimizer).__name__} has no capturable step here (CUDA graphs need AdamW or Adam, fused, "
+            "without fused / foreach / capturable in 'train optimizer settings')"
+        )
+    if not all(isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups):
+        return "the learning rates are not device tensors"
+    if isinstance(scheduler, _MOMENTUM_SCHEDULERS):
+        return f"{type(scheduler).__name__} changes the momentum every step"
+    return ""
+
+
+def current_lrs(optimizer: Optimizer) -> list[float | torch.Tensor]:
+    """The learning rate each group steps with (schedule-free: the scheduled one; Prodigy/D-Adapt: d × lr).
+    A learning rate held as a device tensor (CUDA graphs) comes back as a copy, to read later without a sync now."""
+    lrs: list[float | torch.Tensor] = []
     for group in optimizer.param_groups:
         if group.get("relative_step"):
             state = optimizer.state.get(group["params"][0], {})
             lrs.append(float(type(optimizer)._get_lr(group, state)) if "step" in state else 0.0)
         elif "scheduled_lr" in group and group.get("k", 0) > 0:
             lrs.append(float(group["scheduled_lr"]))
+        elif isinstance(group["lr"], torch.Tensor):
+            lrs.append(group["lr"].detach().clone())
         else:
             lrs.append(float(group["lr"]) * float(group.get("d", 1.0)))
     return lrs
@@ -291,7 +321,7 @@ def build_scheduler(
     if name in _TORCH_SCHEDULES:
         return _torch_scheduler(name, optimizer, iterations, settings)
     factors = [
-        _lambda_factor(name, iterations, warmup_steps, num_cycles, power, step_rules, group["lr"], settings)
+        _lambda_factor(name, iterations, warmup_steps, num_cycles, power, step_rules, float(group["lr"]), settings)
         for group in optimizer.param_groups
     ]
     return LambdaLR(optimizer, factors)

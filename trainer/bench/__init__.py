@@ -69,7 +69,7 @@ def run_bench(settings: BenchSettings, out: Callable[[str], None] = print) -> Be
     bundle = bench_bundle(s.model, device, dtype)
     out(f"model built in {time.perf_counter() - started:.1f} s")
     mode = time_mode(bundle, s, memory)
-    out(_line(f"mode ({MODES[s.mode]} via run_training)", mode))
+    out(_line(f"mode ({MODES[s.mode]} via run_training, {mode.note})", mode))
     reference = time_reference(bundle, s, memory)
     out(_line(f"reference (bare step, {reference.note})", reference))
     report = BenchReport(s, _device_name(device), dtype, mode, reference)
@@ -87,8 +87,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument(
-        "--graph", action=argparse.BooleanOptionalAction, default=True, help="CUDA graph of the reference step (CUDA)"
+        "--graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA graphs: the mode's use_cuda_graph setting and the reference step as one graph (CUDA)",
     )
+    parser.add_argument("--compile", action="store_true", help="the mode's use_torch_compile setting")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 gives steadier CPU figures")
     return parser
 

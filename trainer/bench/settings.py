@@ -32,7 +32,8 @@ class BenchSettings:
     grad_ckpt: bool = False
     steps: int = 20
     warmup: int = 3
-    graph: bool = True  # capture the reference step as a CUDA graph (CUDA only)
+    graph: bool = True  # CUDA graphs: the mode's `use_cuda_graph`, the reference captured as one graph (CUDA only)
+    compile: bool = False  # the mode's `use_torch_compile`
     threads: int | None = None  # CPU threads (torch.set_num_threads); None: torch's default
 
     @property

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -60,6 +62,56 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def graph_pool_bytes(device: torch.device) -> int:
+    """GPU memory held by CUDA graph pools (a replay allocates nothing new, so a peak counted after the capture
+    misses the activations living there); 0 on the CPU."""
+    if device.type != "cuda":
+        return 0
+    segments = torch.cuda.memory_snapshot()
+    return sum(seg["total_size"] for seg in segments if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
+class StepNotes(logging.Handler):
+    """Collects how the loop ran the steps (CUDA graphs captured or why not) from the trainer's log, for the report."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.captured = 0
+        self.eager: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("CUDA graph captured"):
+            self.captured += 1
+        elif "CUDA graph" in message:
+            self.eager.append(message)
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator["StepNotes"]:
+        """Attached (at INFO) to the loggers that say how steps run, while inside."""
+        loggers = [logging.getLogger(name) for name in ("trainer.cuda_graphs", "trainer.loop")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.addHandler(self)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+        try:
+            yield self
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.removeHandler(self)
+                logger.setLevel(level)
+
+    def summary(self, device: torch.device, compiled: bool) -> str:
+        """E.g. "CUDA graphs (1 captured)", "eager: <why>"."""
+        how = "compiled, " if compiled else ""
+        if self.captured:
+            return f"{how}CUDA graphs ({self.captured} captured)" + (f"; {'; '.join(self.eager)}" if self.eager else "")
+        if device.type != "cuda":
+            return f"{how}eager"
+        return f"{how}eager" + (f": {'; '.join(self.eager)}" if self.eager else "")
+
+
 def sync_device(device: torch.device) -> None:
     """Wait for the GPU (no-op on the CPU)."""
     if device.type == "cuda":
@@ -68,7 +120,8 @@ def sync_device(device: torch.device) -> None:
 
 class StepClock:
     """Progress callback timing the loop: a timestamp per event from step `start` on (each event follows a loss
-    read-back, so the device has finished those steps); memory peaks are counted from `start`."""
+    read-back, so the device has finished those steps); memory peaks are counted from `start`, plus what CUDA graph
+    pools hold (captured before `start`)."""
 
     def __init__(self, device: torch.device, start: int, memory: PeakMemory) -> None:
         self.device, self.start, self.memory = device, start, memory
@@ -89,7 +142,8 @@ class StepClock:
         if len(self.events) < 2:
             raise TrainTrainError("The mode sent too few progress events to time it: raise --steps.")
         (first, begin, _), (last, end, loss) = self.events[0], self.events[-1]
-        return Measurement(last - first, end - begin, batch, self.peak, loss)
+        peak = self.peak + graph_pool_bytes(self.device)
+        return Measurement(last - first, end - begin, batch, peak, loss)
 
 
 def bench_config(settings: BenchSettings, data_dir: Path | None, iterations: int, device: torch.device) -> TrainConfig:
@@ -116,6 +170,8 @@ def bench_config(settings: BenchSettings, data_dir: Path | None, iterations: int
         train_lr_scheduler="constant",
         train_seed=0,
         use_gradient_checkpointing=settings.grad_ckpt,
+        use_cuda_graph=settings.graph,
+        use_torch_compile=settings.compile,
         train_model_precision="fp32" if device.type == "cpu" else "bf16",
         train_lora_precision="fp32",
         save_lora_name="bench",
@@ -146,5 +202,8 @@ def time_mode(bundle: DiffusersBundle, settings: BenchSettings, memory: PeakMemo
         config = bench_config(settings, images, start + settings.steps, bundle.device)
         clock = StepClock(bundle.device, start, memory)
         dirs = OutputDirs(lora=root / "Lora", logs=root / "logs", jsons=root / "jsons")
-        run_training(RunContext(config, bundle, dirs, progress=clock))
-    return clock.measurement(settings.batch)
+        with StepNotes().listening() as notes:
+            run_training(RunContext(config, bundle, dirs, progress=clock))
+    measurement = clock.measurement(settings.batch)
+    measurement.note = notes.summary(bundle.device, settings.compile)
+    return measurement

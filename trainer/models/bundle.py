@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Literal, Protocol, runtime_checkable
+from typing import Iterator, Literal, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -52,6 +52,18 @@ class Conditioning:
         """Cut from the autograd graph."""
         pooled = None if self.pooled is None else self.pooled.detach()
         return Conditioning(self.context.detach(), pooled)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """As named step inputs: `<prefix>_context`, and `<prefix>_pooled` when there is one."""
+        named = {f"{prefix}_context": self.context}
+        if self.pooled is not None:
+            named[f"{prefix}_pooled"] = self.pooled
+        return named
+
+    @staticmethod
+    def from_tensors(tensors: Mapping[str, torch.Tensor], prefix: str) -> "Conditioning":
+        """The conditioning `tensors(prefix)` named."""
+        return Conditioning(tensors[f"{prefix}_context"], tensors.get(f"{prefix}_pooled"))
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":

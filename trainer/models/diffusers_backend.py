@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTokenizer
 
-from trainer.devices import host_values_on
+from trainer.devices import ConstantCache, host_values_on
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, frozen, placement
 from trainer.models.targets import collect_targets, unet_kohya_paths
@@ -72,6 +72,7 @@ class DiffusersBundle:
         self.alphas_cumprod = components.alphas_cumprod.to(self.device, torch.float32)
         self._checkpointing = False
         self._in_training = False
+        self._constants = ConstantCache()
         self._place()
 
     def _place(self) -> None:
@@ -123,8 +124,11 @@ class DiffusersBundle:
             if cond.pooled is None:
                 raise ValueError("SDXL conditioning needs the pooled text embedding.")
             height, width = (size * self._vae_scale for size in noisy.shape[-2:])
-            time_ids = host_values_on(self.device, [height, width, 0, 0, height, width], self.dtype)
-            added = {"text_embeds": cond.pooled.to(self.device, self.dtype), "time_ids": time_ids.repeat(len(noisy), 1)}
+            time_ids = self._constants.get(
+                ("time_ids", height, width, len(noisy), self.device, self.dtype),
+                lambda: host_values_on(self.device, [height, width, 0, 0, height, width], self.dtype).repeat(len(noisy), 1),
+            )
+            added = {"text_embeds": cond.pooled.to(self.device, self.dtype), "time_ids": time_ids}
         context = cond.context.to(self.device, self.dtype)
         return self.components.unet(noisy, timesteps.to(self.device), context, added_cond_kwargs=added).sample
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import CLIPTokenizer
 
-from trainer.devices import host_values_on
+from trainer.devices import ConstantCache, host_values_on
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, placement
 from trainer.models.ldm_convert import text_encoder_ldm_to_diffusers_names, unet_ldm_to_diffusers_names
@@ -176,6 +176,7 @@ class LdmBundle:
         self.encoders, self.size_embedders = self._encoders(tokenizer)
         self._state: TrainingState | None = None
         self._targets: list[LoraTarget] | None = None
+        self._constants = ConstantCache()
 
     def _encoders(self, tokenizer: CLIPTokenizer | None) -> tuple[list[TextEncoder], list[nn.Module]]:
         """The text encoders (lora_te, or lora_te1 / lora_te2 for SDXL) and SDXL's size embedders."""
@@ -230,15 +231,20 @@ class LdmBundle:
         return self.unet(noisy, timesteps, context=context, y=vector.to(self.dtype))
 
     def _size_embedding(self, latents: torch.Tensor) -> torch.Tensor:
-        """The model's own size / crop embeddings for an uncropped image of the latents' pixel size."""
+        """The model's own size / crop embeddings for an uncropped image of the latents' pixel size (built once per
+        size and batch: they are constants of the step)."""
         height, width = (side * self._pixels_per_latent for side in latents.shape[-2:])
         values = {"original_size_as_tuple": (height, width), "crop_coords_top_left": (0, 0)}
         values["target_size_as_tuple"] = (height, width)
-        parts = []
-        for embedder in self.size_embedders:
-            rows = host_values_on(self.device, [values[embedder.input_key]] * len(latents), torch.float32)
-            parts.append(embedder(rows))
-        return torch.cat(parts, dim=1)
+
+        def build() -> torch.Tensor:
+            parts = []
+            for embedder in self.size_embedders:
+                rows = host_values_on(self.device, [values[embedder.input_key]] * len(latents), torch.float32)
+                parts.append(embedder(rows))
+            return torch.cat(parts, dim=1)
+
+        return self._constants.get(("size", height, width, len(latents), self.device), build)
 
     def lora_targets(self) -> list[LoraTarget]:
         """UNet and text-encoder layers under kohya's names (the same as the diffusers adapter's)."""

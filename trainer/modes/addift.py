@@ -25,6 +25,7 @@ from trainer.modes.common import (
 from trainer.modes.images import encode_image_pair
 from trainer.modes.lora import PromptCache, data_options
 from trainer.networks.network import Network
+from trainer.step import StepInputs, TrainingStep, tensors_without_none
 
 TRAIN_STRENGTH = 0.25
 
@@ -37,12 +38,12 @@ def ladder_timestep(step: int, low: int, high: int) -> int:
 
 
 class DifferenceObjective:
-    """The ADDifT loss of one step for a batch of (original, target) latents and their conditionings."""
+    """The ADDifT step for batches of (original, target) latents and their conditionings."""
 
     def __init__(self, bundle: ModelBundle, network: Network, objective: Objective, alt_ratio: float) -> None:
         self.bundle, self.network, self.objective, self.alt_ratio = bundle, network, objective, alt_ratio
 
-    def loss(
+    def inputs(
         self,
         step: int,
         original: torch.Tensor,
@@ -50,24 +51,33 @@ class DifferenceObjective:
         conds: tuple[Conditioning, Conditioning],
         generator: torch.Generator,
         mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Even steps: target side at +0.25 vs frozen original side; odd steps mirrored at -0.25·|alt ratio|."""
+    ) -> StepInputs:
+        """The step's tensors: both sides, the shared noise, the ladder timestep; the variant is the step's parity."""
         c = self.objective.config
         t = ladder_timestep(step, c.train_min_timesteps, c.train_max_timesteps)
         timesteps = torch.full((original.shape[0],), t, device=original.device, dtype=torch.long)
         noise = torch.randn(original.shape, generator=generator, device=original.device)
-        odd = step % 2 == 1
+        tensors = tensors_without_none(
+            original=original, target=target, noise=noise, timesteps=timesteps, mask=mask if c.diff_use_diff_mask else None
+        )
+        return StepInputs({**tensors, **conds[0].tensors("original"), **conds[1].tensors("target")}, variant=step % 2)
+
+    def loss(self, inputs: StepInputs) -> torch.Tensor:
+        """Even steps: target side at +0.25 vs frozen original side; odd steps mirrored at -0.25·|alt ratio|."""
+        original, target, noise, timesteps = inputs["original"], inputs["target"], inputs["noise"], inputs["timesteps"]
+        odd = inputs.variant == 1
         if odd and self.alt_ratio < 0:
             original, target = noise, noise
         reference_side, trained_side = (target, original) if odd else (original, target)
         schedule = self.objective.schedule
-        original_cond, target_cond = conds
+        original_cond = Conditioning.from_tensors(inputs.tensors, "original")
+        target_cond = Conditioning.from_tensors(inputs.tensors, "target")
         with torch.no_grad(), self.network.multiplier(0.0):
             reference = self.bundle.predict(schedule.add_noise(reference_side, noise, timesteps), timesteps, original_cond)
         strength = -TRAIN_STRENGTH * abs(self.alt_ratio) if odd else TRAIN_STRENGTH
         with self.network.multiplier(strength):
             prediction = self.bundle.predict(schedule.add_noise(trained_side, noise, timesteps), timesteps, target_cond)
-        return self.objective.loss(prediction, reference, timesteps, mask if c.diff_use_diff_mask else None)
+        return self.objective.loss(prediction, reference, timesteps, inputs.get("mask"))
 
 
 def train_addift(ctx: RunContext) -> TrainResult:
@@ -86,10 +96,11 @@ def train_addift(ctx: RunContext) -> TrainResult:
         network = build_network(ctx, config, text_encoder=False)
         difference = DifferenceObjective(bundle, network, Objective(bundle, config), config.diff_alt_ratio)
 
-        def step_loss(index: int) -> torch.Tensor:
-            return difference.loss(index, original, target, pair, generator, mask)
+        def inputs(index: int) -> StepInputs:
+            return difference.inputs(index, original, target, pair, generator, mask)
 
-        return train_network(ctx, config, network, step_loss, stem=config.effective_name)
+        step = TrainingStep(inputs, difference.loss)
+        return train_network(ctx, config, network, step, stem=config.effective_name)
 
 
 def train_multi_addift(ctx: RunContext) -> TrainResult:
@@ -106,13 +117,14 @@ def train_multi_addift(ctx: RunContext) -> TrainResult:
         prompts = PromptCache(bundle, dataset.prompts, live=False)
         difference = DifferenceObjective(bundle, network, Objective(bundle, config), config.diff_alt_ratio)
 
-        def step_loss(index: int) -> torch.Tensor:
+        def inputs(index: int) -> StepInputs:
             batch = dataset.sample_batch(config.train_batch_size, sampler)
             original, target = batch.original_latents.to(bundle.device), batch.target_latents.to(bundle.device)
             conds = (prompts(batch.original_prompts), prompts(batch.target_prompts))
             if config.diff_revert_original_target:
                 original, target, conds = target, original, conds[::-1]
             mask = None if batch.masks is None else batch.masks.to(bundle.device)
-            return difference.loss(index, original, target, conds, generator, mask)
+            return difference.inputs(index, original, target, conds, generator, mask)
 
-        return train_network(ctx, config, network, step_loss, stem=config.effective_name)
+        step = TrainingStep(inputs, difference.loss)
+        return train_network(ctx, config, network, step, stem=config.effective_name)

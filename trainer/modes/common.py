@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -16,7 +16,7 @@ from trainer.config import TrainConfig
 from trainer.csvlog import CsvLog
 from trainer.diffusion import NoiseSchedule, weighted_loss
 from trainer.files import free_path, inside, output_path
-from trainer.loop import LoopResult, LoopSettings, StepLoss, run_loop
+from trainer.loop import LoopResult, LoopSettings, run_loop
 from trainer.models.bundle import BASE_MODEL_VERSION, Conditioning, ModelBundle
 from trainer.networks.kohya_io import network_from_file, save_network
 from trainer.networks.kohya_io import training_metadata
@@ -24,6 +24,7 @@ from trainer.models.targets import TEXT_BLOCK
 from trainer.networks.network import Network, NetworkSpec
 from trainer.precision import autocast_dtype, precision_dtype
 from trainer.progress import ProgressCallback, StopFlag
+from trainer.step import StepInputs, TrainingStep, tensors_without_none
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,13 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
         step_rules=config.train_lr_step_rules,
         save_every=config.save_per_steps,
         autocast_dtype=autocast_dtype(config.train_model_precision, device),
+        cuda_graph=config.use_cuda_graph,
+        compile=config.use_torch_compile,
     )
+
+
+# A batch source for the denoising objective: step index -> (latents, conditioning or captions, mask or None).
+BatchDraw = Callable[[int], tuple[torch.Tensor, "Conditioning | list[str]", "torch.Tensor | None"]]
 
 
 class Objective:
@@ -139,19 +146,34 @@ class Objective:
             batch, c.train_min_timesteps, c.train_max_timesteps, generator, shared=c.train_fixed_timsteps_in_batch
         )
 
-    def denoising_loss(
-        self,
-        bundle: ModelBundle,
-        latents: torch.Tensor,
-        cond: Conditioning,
-        generator: torch.Generator,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The standard objective: noise `latents` at random timesteps and predict the noise (or velocity)."""
+    def noised(self, latents: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A denoising step's draws for `latents`: the noise and the timesteps (with the latents themselves)."""
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        timesteps = self.timesteps(latents.shape[0], generator)
+        return {"latents": latents, "noise": noise, "timesteps": self.timesteps(latents.shape[0], generator)}
+
+    def denoising_loss(self, bundle: ModelBundle, inputs: StepInputs, cond: Conditioning) -> torch.Tensor:
+        """The standard objective on `noised` inputs: predict the noise (or velocity) of the noised latents."""
+        latents, noise, timesteps = inputs["latents"], inputs["noise"], inputs["timesteps"]
         prediction = bundle.predict(self.schedule.add_noise(latents, noise, timesteps), timesteps, cond)
-        return self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, mask)
+        return self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, inputs.get("mask"))
+
+    def denoising_step(self, bundle: ModelBundle, draw: BatchDraw, generator: torch.Generator) -> TrainingStep:
+        """A step of the standard objective on the batches `draw` gives: (latents, conditioning or, when the text
+        encoder is trained, the captions to encode inside the loss, mask or None)."""
+
+        def inputs(index: int) -> StepInputs:
+            latents, cond, mask = draw(index)
+            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask)
+            if isinstance(cond, Conditioning):
+                return StepInputs({**tensors, **cond.tensors("cond")})
+            return StepInputs(tensors, host={"prompts": cond})
+
+        def loss(inputs: StepInputs) -> torch.Tensor:
+            prompts = inputs.host.get("prompts")
+            cond = Conditioning.from_tensors(inputs.tensors, "cond") if prompts is None else bundle.encode_text(prompts)
+            return self.denoising_loss(bundle, inputs, cond)
+
+        return TrainingStep(inputs, loss)
 
     def loss(
         self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
@@ -248,21 +270,21 @@ def train_network(
     ctx: RunContext,
     config: TrainConfig,
     network: Network,
-    step_loss: StepLoss,
+    step: TrainingStep,
     *,
     stem: str,
     tags: dict[str, int] | None = None,
     phase: str = "",
     save_final: bool = True,
 ) -> TrainResult:
-    """Hook `network` on, run the loop with `step_loss`, and save `<stem>.safetensors` (periodic and stop saves too)."""
+    """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too)."""
     writer = LoraWriter(ctx, config, network, stem, tags or {})
     with network.applied():
         csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0)))
         result = run_loop(
             loop_settings(config, ctx.bundle.device),
             network,
-            step_loss,
+            step,
             save=writer.save,
             csv_log=csv_log,
             progress=ctx.progress,

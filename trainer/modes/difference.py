@@ -22,6 +22,7 @@ from trainer.modes.common import (
 )
 from trainer.modes.images import encode_image_pair
 from trainer.networks.network import Network
+from trainer.step import TrainingStep
 
 def second_pass_config(config: TrainConfig) -> TrainConfig:
     """The 2nd pass's settings: the 2nd-pass panel when `use 2nd pass settings` (it already carries every setting the
@@ -42,10 +43,11 @@ def find_first_pass_file(ctx: RunContext, name: str) -> Path:
     raise TrainTrainError(f"No copy machine {stem}.safetensors in {ctx.dirs.lora}: check 'diff load 1st pass'.")
 
 
-def _reproduce(bundle: ModelBundle, objective: Objective, generator: torch.Generator, latents: torch.Tensor,
-               cond: Conditioning):
-    """A step loss that teaches the model to denoise `latents` (standard ε / v objective)."""
-    return lambda _index: objective.denoising_loss(bundle, latents, cond, generator)
+def _reproduce(
+    bundle: ModelBundle, objective: Objective, generator: torch.Generator, latents: torch.Tensor, cond: Conditioning
+) -> TrainingStep:
+    """A step that teaches the model to denoise `latents` (standard ε / v objective)."""
+    return objective.denoising_step(bundle, lambda _index: (latents, cond, None), generator)
 
 
 def train_difference(ctx: RunContext) -> TrainResult:
@@ -64,10 +66,10 @@ def train_difference(ctx: RunContext) -> TrainResult:
             generator = seeded_generator(config.resolved_seed(), bundle.device)
             copier = build_network(ctx, config, text_encoder=False)
             latents = original.repeat(config.train_batch_size, 1, 1, 1)
-            step_loss = _reproduce(bundle, Objective(bundle, config), generator, latents, cond.repeat(latents.shape[0]))
+            step = _reproduce(bundle, Objective(bundle, config), generator, latents, cond.repeat(latents.shape[0]))
             save_copy = config.diff_save_1st_pass or config.diff_1st_pass_only
             first = train_network(
-                ctx, config, copier, step_loss, stem=f"{name}_copy", phase="1st pass", save_final=save_copy
+                ctx, config, copier, step, stem=f"{name}_copy", phase="1st pass", save_final=save_copy
             )
             if first.stopped or config.diff_1st_pass_only:
                 return first
@@ -89,5 +91,5 @@ def _second_pass(
     with copier.applied():
         network = build_network(ctx, config, text_encoder=False, resume=False)  # the slider starts from zero
         latents = target.repeat(config.train_batch_size, 1, 1, 1)
-        step_loss = _reproduce(bundle, Objective(bundle, config), generator, latents, cond.repeat(latents.shape[0]))
-        return train_network(ctx, config, network, step_loss, stem=config.effective_name, phase="2nd pass")
+        step = _reproduce(bundle, Objective(bundle, config), generator, latents, cond.repeat(latents.shape[0]))
+        return train_network(ctx, config, network, step, stem=config.effective_name, phase="2nd pass")

@@ -13,6 +13,7 @@ from trainer.modes.common import (
     seeded_generator,
     train_network,
 )
+from trainer.step import StepInputs, TrainingStep
 
 
 def train_ileco(ctx: RunContext) -> TrainResult:
@@ -33,12 +34,15 @@ def train_ileco(ctx: RunContext) -> TrainResult:
         network = build_network(ctx, config, text_encoder=False)
         objective = Objective(bundle, config)
 
-        def step_loss(_index: int) -> torch.Tensor:
+        def inputs(_index: int) -> StepInputs:
             latents = torch.randn(shape, generator=generator, device=bundle.device)
-            timesteps = objective.timesteps(shape[0], generator)
+            return StepInputs({"latents": latents, "timesteps": objective.timesteps(shape[0], generator)})
+
+        def loss(inputs: StepInputs) -> torch.Tensor:
+            latents, timesteps = inputs["latents"], inputs["timesteps"]
             with torch.no_grad(), network.multiplier(0.0):
                 reference = bundle.predict(latents, timesteps, target)
             prediction = bundle.predict(latents, timesteps, original)
             return objective.loss(prediction, reference, timesteps)
 
-        return train_network(ctx, config, network, step_loss, stem=config.effective_name)
+        return train_network(ctx, config, network, TrainingStep(inputs, loss), stem=config.effective_name)

@@ -55,10 +55,11 @@ class PromptCache:
                     for i, prompt in enumerate(chunk):
                         self._cache[prompt] = cond.select(slice(i, i + 1))
 
-    def __call__(self, prompts: list[str]) -> Conditioning:
-        """Conditioning for a batch of prompts."""
+    def __call__(self, prompts: list[str]) -> Conditioning | list[str]:
+        """Conditioning for a batch of prompts; when live, the prompts themselves (encoded inside the step's loss,
+        where gradients reach the text encoder's LoRA)."""
         if self.live:
-            return self.bundle.encode_text(prompts)
+            return list(prompts)
         return Conditioning.cat([self._cache[p] for p in prompts])
 
 
@@ -78,11 +79,11 @@ def train_lora(ctx: RunContext) -> TrainResult:
         prompts = PromptCache(bundle, dataset.prompts, live=bool(network.text_encoder_names))
         objective = Objective(bundle, config)
 
-        def step_loss(_index: int) -> torch.Tensor:
+        def draw(_index: int) -> tuple[torch.Tensor, Conditioning | list[str], torch.Tensor | None]:
             batch = dataset.sample_batch(config.train_batch_size, sampler)
             mask = None if batch.masks is None else batch.masks.to(bundle.device)
-            latents = batch.latents.to(bundle.device)
-            return objective.denoising_loss(bundle, latents, prompts(batch.prompts), generator, mask)
+            return batch.latents.to(bundle.device), prompts(batch.prompts), mask
 
+        step = objective.denoising_step(bundle, draw, generator)
         tags = tag_frequency(dataset.prompts)
-        return train_network(ctx, config, network, step_loss, stem=config.effective_name, tags=tags)
+        return train_network(ctx, config, network, step, stem=config.effective_name, tags=tags)
