@@ -120,8 +120,6 @@ class CapturedSteps:
         return [entry.refused for entry in self.signatures.values() if entry.refused]
 
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
-        if not inputs.capturable:
-            return self.eager(inputs)
         entry = self.signatures.setdefault(inputs.signature(), _Signature())
         if entry.graph is not None:
             for name, tensor in inputs.tensors.items():

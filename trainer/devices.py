@@ -10,7 +10,11 @@ import torch
 def host_values_on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A tensor of Python values on `device`; on CUDA through pinned memory and a non-blocking copy, so building it
     never makes the host wait for the GPU queue."""
-    tensor = torch.tensor(values, dtype=dtype)
+    return host_tensor_on(device, torch.tensor(values, dtype=dtype))
+
+
+def host_tensor_on(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor moved to `device`, without waiting for the GPU queue (pinned memory, non-blocking copy)."""
     if torch.device(device).type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)

@@ -4,13 +4,10 @@ computes its loss from those tensors alone, so the compute can be compiled or ca
 from __future__ import annotations
 
 import contextlib
-import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from dataclasses import dataclass
+from typing import Callable, Hashable
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,13 +17,6 @@ class StepInputs:
 
     tensors: dict[str, torch.Tensor]
     variant: Hashable = None
-    host: dict[str, Any] = field(default_factory=dict)  # host values the loss uses (e.g. captions to encode):
-    # a step that has any runs eagerly and uncompiled
-
-    @property
-    def capturable(self) -> bool:
-        """Whether the loss reads nothing but the tensors (so it may be captured or compiled)."""
-        return not self.host
 
     def signature(self) -> tuple:
         """(variant, name / shape / dtype of every tensor): one CUDA graph per signature."""
@@ -80,7 +70,7 @@ class OptimizerStep:
 
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
         """One optimizer step on `inputs`; the detached loss."""
-        compute = self.compiled if self.compiled is not None and inputs.capturable else self.loss
+        compute = self.compiled or self.loss
         with self.autocast():
             loss = compute(inputs)
         if self.scaler is not None:

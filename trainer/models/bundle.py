@@ -97,6 +97,14 @@ class ModelBundle(Protocol):
         """Encode captions. Gradients flow through text-encoder LoRA modules when the caller enables grad."""
         ...
 
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The host half of `encode_text`: named token tensors (ids per text encoder, ...) on the device."""
+        ...
+
+    def encode_tokens(self, tokens: Mapping[str, torch.Tensor]) -> Conditioning:
+        """The device half of `encode_text`: `encode_tokens(tokenize(prompts))` is `encode_text(prompts)`."""
+        ...
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B,3,H,W) in [-1,1] → scaled latents (B,4,H/8,W/8), float32."""
         ...

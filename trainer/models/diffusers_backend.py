@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTokenizer
 
-from trainer.devices import ConstantCache, host_values_on
+from trainer.devices import ConstantCache, host_tensor_on, host_values_on
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, frozen, placement
 from trainer.models.targets import collect_targets, unet_kohya_paths
@@ -86,15 +86,22 @@ class DiffusersBundle:
         """Pixels per latent cell (8 for SD)."""
         return 2 ** (len(self.components.vae.config.block_out_channels) - 1)
 
-    def _tokens(self, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-        """Token ids padded / truncated to 77, on the bundle device."""
-        batch = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-        return batch.input_ids.to(self.device)
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids per text encoder (`ids_0`, `ids_1`), padded / truncated to 77, on the bundle device."""
+        tokens = {}
+        for index, tokenizer in enumerate(self.components.tokenizers):
+            batch = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+            tokens[f"ids_{index}"] = host_tensor_on(self.device, batch.input_ids)
+        return tokens
 
     def encode_text(self, prompts: list[str]) -> Conditioning:
         """SD1: last layer (final norm); SD2: penultimate + final norm; SDXL: penultimate of both + TE2 pooled."""
-        encoders, tokenizers = self.components.text_encoders, self.components.tokenizers
-        outputs = [te(self._tokens(tok, prompts), output_hidden_states=True) for te, tok in zip(encoders, tokenizers)]
+        return self.encode_tokens(self.tokenize(prompts))
+
+    def encode_tokens(self, tokens: Mapping[str, torch.Tensor]) -> Conditioning:
+        """`encode_text` from `tokenize`'s ids."""
+        encoders = self.components.text_encoders
+        outputs = [te(tokens[f"ids_{index}"], output_hidden_states=True) for index, te in enumerate(encoders)]
         if self.kind == "sd1":
             return Conditioning(outputs[0].last_hidden_state)
         if self.kind == "sd2":

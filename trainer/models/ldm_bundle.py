@@ -9,13 +9,13 @@ autocast and dtype casts, while the loop already decides precision (autocast on 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 from transformers import CLIPTokenizer
 
-from trainer.devices import ConstantCache, host_values_on
+from trainer.devices import ConstantCache, host_tensor_on, host_values_on
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, placement
 from trainer.models.ldm_convert import text_encoder_ldm_to_diffusers_names, unet_ldm_to_diffusers_names
@@ -47,10 +47,14 @@ class ClipText:
         self.tokenizer: CLIPTokenizer = embedder.tokenizer
         self.prefix, self.penultimate = prefix, penultimate
 
-    def encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, None]:
-        """SD1: last layer with the final norm; SDXL: the penultimate layer as it is (no pooled output)."""
+    def tokenize(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Token ids padded / truncated to 77, on `device`."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-        output = self.module(input_ids=ids.input_ids.to(device), output_hidden_states=self.penultimate)
+        return {"ids": host_tensor_on(device, ids.input_ids)}
+
+    def encode(self, tokens: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
+        """SD1: last layer with the final norm; SDXL: the penultimate layer as it is (no pooled output)."""
+        output = self.module(input_ids=tokens["ids"], output_hidden_states=self.penultimate)
         return (output.hidden_states[-2] if self.penultimate else output.last_hidden_state), None
 
     def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
@@ -66,12 +70,17 @@ class OpenClipEncoder:
         self.module: nn.Module = embedder.model
         self.prefix, self.pooled = prefix, pooled
 
-    def encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def tokenize(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Token ids (OpenCLIP padding) and end-token positions, on `device`."""
+        ids, eos = self.text.token_ids(prompts)
+        return {"ids": host_tensor_on(device, ids), "eos": host_tensor_on(device, eos)}
+
+    def encode(self, tokens: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SD2: penultimate layer + ln_final; SDXL: the penultimate layer, and the pooled projection of the last."""
-        penultimate, last, eos = self.text.hidden_states(prompts, device)
+        penultimate, last = self.text.hidden_states(tokens["ids"])
         if not self.pooled:
             return self.module.ln_final(penultimate), None
-        return penultimate, self.text.pool(last, eos)
+        return penultimate, self.text.pool(last, tokens["eos"])
 
     def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """Modules by transformers CLIP name; q/k/v are the Linear views over the fused attention projections."""
@@ -199,7 +208,22 @@ class LdmBundle:
 
     def encode_text(self, prompts: list[str]) -> Conditioning:
         """Raw captions through the text encoders (no prompt-emphasis parsing); SDXL also gets TE2's pooled output."""
-        outputs = [encoder.encode(prompts, self.device) for encoder in self.encoders]
+        return self.encode_tokens(self.tokenize(prompts))
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Each text encoder's token tensors, named `<name>_<encoder index>` (ids_0, eos_1, ...), on the device."""
+        return {
+            f"{name}_{index}": tensor
+            for index, encoder in enumerate(self.encoders)
+            for name, tensor in encoder.tokenize(prompts, self.device).items()
+        }
+
+    def encode_tokens(self, tokens: Mapping[str, torch.Tensor]) -> Conditioning:
+        """`encode_text` from `tokenize`'s tensors."""
+        outputs = []
+        for index, encoder in enumerate(self.encoders):
+            own = {name.rsplit("_", 1)[0]: t for name, t in tokens.items() if name.rsplit("_", 1)[1] == str(index)}
+            outputs.append(encoder.encode(own))
         pooled = next((p for _, p in outputs if p is not None), None)
         return Conditioning(torch.cat([context for context, _ in outputs], dim=-1), pooled)
 

@@ -127,13 +127,10 @@ class OpenClipText:
         eos = (ids == self.tokenizer.eos_token_id).int().argmax(dim=1)
         return ids.masked_fill(torch.arange(ids.shape[1])[None] > eos[:, None], OPEN_CLIP_PAD), eos
 
-    def hidden_states(
-        self, prompts: list[str], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(penultimate layer, last layer, end-token positions), batch first, no final norm."""
-        ids, eos = self.token_ids(prompts)
+    def hidden_states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penultimate layer, last layer) for `token_ids` on the model's device, batch first, no final norm."""
         model = self.model
-        x = model.token_embedding(ids.to(device))
+        x = model.token_embedding(ids)
         x = x + model.positional_embedding.to(x.dtype)
         batch_first = getattr(model.transformer, "batch_first", False)
         x = x if batch_first else x.transpose(0, 1)
@@ -145,7 +142,7 @@ class OpenClipText:
             penultimate, x = x, self.blocks[-1](x, attn_mask=model.attn_mask)
         if not batch_first:
             penultimate, x = penultimate.transpose(0, 1), x.transpose(0, 1)
-        return penultimate, x, eos.to(device)
+        return penultimate, x
 
     def pool(self, last: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
         """The projected, final-normed output at the end token (SDXL's pooled text embedding)."""

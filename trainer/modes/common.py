@@ -128,8 +128,10 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
     )
 
 
-# A batch source for the denoising objective: step index -> (latents, conditioning or captions, mask or None).
-BatchDraw = Callable[[int], tuple[torch.Tensor, "Conditioning | list[str]", "torch.Tensor | None"]]
+# A batch source for the denoising objective: step index -> (latents, conditioning or, when the text encoder is
+# trained, the captions' token tensors, mask or None).
+BatchDraw = Callable[[int], tuple[torch.Tensor, "Conditioning | dict[str, torch.Tensor]", "torch.Tensor | None"]]
+TOKENS = "tokens_"  # prefix of token tensors among a step's inputs
 
 
 class Objective:
@@ -159,18 +161,18 @@ class Objective:
 
     def denoising_step(self, bundle: ModelBundle, draw: BatchDraw, generator: torch.Generator) -> TrainingStep:
         """A step of the standard objective on the batches `draw` gives: (latents, conditioning or, when the text
-        encoder is trained, the captions to encode inside the loss, mask or None)."""
+        encoder is trained, the captions' token tensors to encode inside the loss, mask or None)."""
 
         def inputs(index: int) -> StepInputs:
             latents, cond, mask = draw(index)
             tensors = tensors_without_none(**self.noised(latents, generator), mask=mask)
             if isinstance(cond, Conditioning):
                 return StepInputs({**tensors, **cond.tensors("cond")})
-            return StepInputs(tensors, host={"prompts": cond})
+            return StepInputs({**tensors, **{TOKENS + name: t for name, t in cond.items()}})
 
         def loss(inputs: StepInputs) -> torch.Tensor:
-            prompts = inputs.host.get("prompts")
-            cond = Conditioning.from_tensors(inputs.tensors, "cond") if prompts is None else bundle.encode_text(prompts)
+            tokens = {k.removeprefix(TOKENS): t for k, t in inputs.tensors.items() if k.startswith(TOKENS)}
+            cond = bundle.encode_tokens(tokens) if tokens else Conditioning.from_tensors(inputs.tensors, "cond")
             return self.denoising_loss(bundle, inputs, cond)
 
         return TrainingStep(inputs, loss)

@@ -55,11 +55,11 @@ class PromptCache:
                     for i, prompt in enumerate(chunk):
                         self._cache[prompt] = cond.select(slice(i, i + 1))
 
-    def __call__(self, prompts: list[str]) -> Conditioning | list[str]:
-        """Conditioning for a batch of prompts; when live, the prompts themselves (encoded inside the step's loss,
-        where gradients reach the text encoder's LoRA)."""
+    def __call__(self, prompts: list[str]) -> Conditioning | dict[str, torch.Tensor]:
+        """Conditioning for a batch of prompts; when live, their token tensors (encoded inside the step's loss, where
+        gradients reach the text encoder's LoRA)."""
         if self.live:
-            return list(prompts)
+            return self.bundle.tokenize(prompts)
         return Conditioning.cat([self._cache[p] for p in prompts])
 
 
@@ -79,7 +79,7 @@ def train_lora(ctx: RunContext) -> TrainResult:
         prompts = PromptCache(bundle, dataset.prompts, live=bool(network.text_encoder_names))
         objective = Objective(bundle, config)
 
-        def draw(_index: int) -> tuple[torch.Tensor, Conditioning | list[str], torch.Tensor | None]:
+        def draw(_index: int) -> tuple[torch.Tensor, Conditioning | dict[str, torch.Tensor], torch.Tensor | None]:
             batch = dataset.sample_batch(config.train_batch_size, sampler)
             mask = None if batch.masks is None else batch.masks.to(bundle.device)
             return batch.latents.to(bundle.device), prompts(batch.prompts), mask
