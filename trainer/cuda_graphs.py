@@ -137,9 +137,11 @@ class CapturedSteps:
         """Capture this signature's step, check the replay against an eager step from the same state, and keep the
         graph only when they agree. Either way the step is done exactly once (state as after one step)."""
         tensors = self.step.state_tensors()
-        before = [t.detach().clone() for t in tensors]
+        before = _copies(tensors)
         eager_loss = self.eager(inputs)
-        after = [t.detach().clone() for t in tensors]
+        after = _copies(tensors) if before is not None else None
+        if before is None or after is None:
+            return self._refuse(entry, inputs, "not enough GPU memory to check a capture", eager_loss)
         _restore(tensors, before)
         try:
             static = StepInputs({name: t.clone() for name, t in inputs.tensors.items()}, inputs.variant)
@@ -153,12 +155,17 @@ class CapturedSteps:
             problem = f"capture failed: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}"
         if problem:
             _restore(tensors, after)
-            entry.refused = f"{_describe(inputs)}: {problem}"
-            log.warning("CUDA graph not used for %s; these steps run eagerly.", entry.refused)
-            return eager_loss
+            return self._refuse(entry, inputs, problem, eager_loss)
         entry.graph, entry.inputs, entry.loss = graph, static, loss
         log.info("CUDA graph captured for %s.", _describe(inputs))
         return loss.clone()
+
+    @staticmethod
+    def _refuse(entry: _Signature, inputs: StepInputs, problem: str, eager_loss: torch.Tensor) -> torch.Tensor:
+        """This signature stays eager (said once in the log); the eager step's loss is the step's loss."""
+        entry.refused = f"{_describe(inputs)}: {problem}"
+        log.warning("CUDA graph not used for %s; these steps run eagerly.", entry.refused)
+        return eager_loss
 
     def _replay(self, graph: Replay, loss: torch.Tensor) -> torch.Tensor:
         """Replay and copy the loss out. The graph writes its own gradient buffers; the parameters' `.grad` stay
@@ -166,6 +173,14 @@ class CapturedSteps:
         graph.replay()
         self.step.optimizer.zero_grad(set_to_none=True)
         return loss.clone()
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Detached copies of the step's state, None when the GPU has no room for them."""
+    try:
+        return [t.detach().clone() for t in tensors]
+    except torch.cuda.OutOfMemoryError:
+        return None
 
 
 def _restore(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
