@@ -76,6 +76,8 @@ def train_difference(ctx: RunContext) -> TrainResult:
         result = _second_pass(ctx, second, copier, target, cond)
         if first is not None:
             result.extra_files = first.extra_files + result.extra_files
+            if first.extra_files:
+                result.message += "\nCopy machine (1st pass): " + ", ".join(str(p) for p in first.extra_files)
         return result
 
 
