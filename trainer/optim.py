@@ -155,9 +155,8 @@ def build_optimizer(
         kwargs["capturable"] = True
         device = params[0].device
         kwargs["lr"] = torch.tensor(float(lr), device=device)
-        for group in groups:
-            if "lr" in group:
-                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        for group in groups:  # one tensor per group: the scheduler fills each in place
+            group["lr"] = torch.tensor(float(group.get("lr", lr)), device=device)
     if recipe.kind == "bnb":
         _check_bitsandbytes(params)
     if display in ADAPTIVE_OPTIMIZERS:
