@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer import loop
 from trainer.config import TrainConfig
 from trainer.config_fields import BLOCKS_SD
 from trainer.cuda_graphs import CapturedSteps
@@ -160,6 +161,49 @@ def sample_images(tmp_path_factory) -> Path:
     from trainer.demo import write_sample_images
 
     return write_sample_images(tmp_path_factory.mktemp("images") / "images", size=64)
+
+
+def mode_config(mode: str, images: Path, pair: tuple[str, str], **changes) -> TrainConfig:
+    settings = dict(
+        mode=mode, lora_data_directory=str(images), original_image=pair[0], target_image=pair[1],
+        original_prompt="a red apple", target_prompt="a blue car", image_size=(64, 64), image_min_length=64,
+        image_buckets_step=64, train_iterations=12, train_batch_size=2, train_seed=0, train_model_precision="fp32",
+        save_precision="fp32", save_overwrite=True, train_lr_scheduler="cosine", train_learning_rate=1e-3,
+        save_lora_name=f"{mode}_{changes.get('use_cuda_graph', True)}",
+    )
+    return TrainConfig(**{**settings, **changes})
+
+
+@pytest.mark.parametrize(
+    "mode, blocks",
+    [("LoRA", list(BLOCKS_SD)), ("iLECO", unet_blocks()), ("ADDifT", unet_blocks()), ("Difference", unet_blocks())],
+    ids=["lora-with-text-encoder", "ileco", "addift", "difference"],
+)
+def test_every_mode_runs_through_graph_replays_like_eager(mode, blocks, tmp_path, sample_images, monkeypatch, caplog):
+    """The loop's graph path with the stand-in backend on the CPU: every mode's loss reads only its step inputs (the
+    replay runs on the static buffers) and trains exactly as the eager steps do."""
+    from PIL import Image
+
+    pair = []
+    for name, color in (("original", (220, 30, 30)), ("target", (30, 60, 220))):
+        Image.new("RGB", (64, 64), color).save(tmp_path / f"{name}.png")
+        pair.append(str(tmp_path / f"{name}.png"))
+    dirs = OutputDirs(tmp_path / "Lora", tmp_path / "logs", tmp_path / "jsons")
+    eager_config = mode_config(mode, sample_images, pair, network_blocks=blocks, use_cuda_graph=False)
+    eager = run_training(RunContext(eager_config, build_tiny("sd1"), dirs))
+    monkeypatch.setattr("trainer.loop.CudaGraphBackend", StandInBackend)
+    monkeypatch.setattr("trainer.loop.graph_refusal", lambda optimizer, scheduler: "")
+    real_runner = loop._step_runner
+    monkeypatch.setattr(
+        loop, "_step_runner", lambda settings, step, optimizer, scheduler, device, graphs: real_runner(
+            settings, step, optimizer, scheduler, device, True
+        )
+    )
+    with caplog.at_level(logging.INFO, logger="trainer.cuda_graphs"):
+        config = mode_config(mode, sample_images, pair, network_blocks=blocks)
+        graphed = run_training(RunContext(config, build_tiny("sd1"), dirs))
+    assert "CUDA graph captured" in caplog.text and "not used" not in caplog.text
+    assert graphed.losses == pytest.approx(eager.losses, rel=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -97,10 +97,14 @@ class TrainConfig:
     save_lora_name: str = _req3("", TEXTBOX, EVERY_MODE, help="File name; empty: untitled.")
     use_gradient_checkpointing: bool = _req3(False, CHECKBOX, ALL)
     use_cuda_graph: bool = _opt3(
-        True, CHECKBOX, ALL, help="GPU: replay each training step as a CUDA graph (much faster; AdamW / Adam). Off: eager steps, which need less memory when there are several image sizes."
+        True,
+        CHECKBOX,
+        ALL,
+        help="GPU: replay each training step as a CUDA graph (much faster; AdamW / Adam). "
+        "Off: eager steps, which need less memory when there are several image sizes.",
     )
     use_torch_compile: bool = _opt3(
-        False, CHECKBOX, ALL, help="Compile the model step with torch.compile: faster, but each image size compiles first."
+        False, CHECKBOX, ALL, help="Compile the model step with torch.compile: faster, each image size compiles first."
     )
     network_blocks: list[str] = setting(
         list(BLOCKS_SD), CHECKBOXGROUP, ALL, section="blocks", key="network_blocks(BASE = TextEncoder)", choices=BLOCKS_SD

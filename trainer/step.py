@@ -60,7 +60,8 @@ class OptimizerStep:
     ) -> None:
         self.loss, self.optimizer, self.autocast_dtype, self.device = loss, optimizer, autocast_dtype, device
         self.compiled = torch.compile(loss, dynamic=False) if compile else None
-        self.scaler = torch.amp.GradScaler("cuda") if autocast_dtype is torch.float16 and device.type == "cuda" else None
+        fp16_on_cuda = autocast_dtype is torch.float16 and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision on CUDA; the cast cache is off, as CUDA graph capture requires."""

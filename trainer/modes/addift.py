@@ -57,9 +57,8 @@ class DifferenceObjective:
         t = ladder_timestep(step, c.train_min_timesteps, c.train_max_timesteps)
         timesteps = torch.full((original.shape[0],), t, device=original.device, dtype=torch.long)
         noise = torch.randn(original.shape, generator=generator, device=original.device)
-        tensors = tensors_without_none(
-            original=original, target=target, noise=noise, timesteps=timesteps, mask=mask if c.diff_use_diff_mask else None
-        )
+        mask = mask if c.diff_use_diff_mask else None
+        tensors = tensors_without_none(original=original, target=target, noise=noise, timesteps=timesteps, mask=mask)
         return StepInputs({**tensors, **conds[0].tensors("original"), **conds[1].tensors("target")}, variant=step % 2)
 
     def loss(self, inputs: StepInputs) -> torch.Tensor:
@@ -73,7 +72,8 @@ class DifferenceObjective:
         original_cond = Conditioning.from_tensors(inputs.tensors, "original")
         target_cond = Conditioning.from_tensors(inputs.tensors, "target")
         with torch.no_grad(), self.network.multiplier(0.0):
-            reference = self.bundle.predict(schedule.add_noise(reference_side, noise, timesteps), timesteps, original_cond)
+            noisy_reference = schedule.add_noise(reference_side, noise, timesteps)
+            reference = self.bundle.predict(noisy_reference, timesteps, original_cond)
         strength = -TRAIN_STRENGTH * abs(self.alt_ratio) if odd else TRAIN_STRENGTH
         with self.network.multiplier(strength):
             prediction = self.bundle.predict(schedule.add_noise(trained_side, noise, timesteps), timesteps, target_cond)
