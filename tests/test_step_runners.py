@@ -76,17 +76,27 @@ def batches(count: int) -> list[StepInputs]:
     return steps
 
 
-def train(runner_for: Callable[[OptimizerStep], Callable[[StepInputs], torch.Tensor]], count: int = 30):
-    layer, step = model_and_step()
+def train(
+    runner_for: Callable[[OptimizerStep], Callable[[StepInputs], torch.Tensor]], count: int = 30, optimizer: str = "AdamW"
+):
+    layer, step = model_and_step(optimizer)
     runner = runner_for(step)
     losses = [float(runner(inputs)) for inputs in batches(count)]
     return layer, losses, runner
 
 
-def test_graph_replays_train_exactly_like_eager_steps() -> None:
-    eager_layer, eager_losses, _ = train(EagerSteps)
+@pytest.mark.parametrize(
+    "optimizer, whole_step",
+    [("AdamW", True), ("AdamW", False), ("Prodigy", False), ("AdaFactor", False)],
+    ids=["adamw-whole-step", "adamw-forward-backward", "prodigy-forward-backward", "adafactor-forward-backward"],
+)
+def test_graph_replays_train_exactly_like_eager_steps(optimizer: str, whole_step: bool) -> None:
+    """Whole-step graphs (optimizer inside) and forward-backward graphs (any optimizer steps after the replay): the
+    capture's check runs one step eagerly and puts back all the state, tensors and plain values (Prodigy's d,
+    Adafactor's step count), so every step happens exactly once."""
+    eager_layer, eager_losses, _ = train(EagerSteps, optimizer=optimizer)
     backend = StandInBackend()
-    layer, losses, runner = train(lambda step: CapturedSteps(step, backend))
+    layer, losses, runner = train(lambda step: CapturedSteps(step, backend, whole_step=whole_step), optimizer=optimizer)
     assert runner.captured == 4 == backend.captures  # 2 shapes x 2 variants, each after its eager warm-up steps
     assert losses == pytest.approx(eager_losses, rel=1e-6)
     # Every step done exactly once (the capture's check runs the step eagerly, then restores the state first).
@@ -97,7 +107,7 @@ def test_graph_replays_train_exactly_like_eager_steps() -> None:
 def test_a_replay_that_disagrees_with_the_eager_step_is_not_used(caplog) -> None:
     eager_layer, eager_losses, _ = train(EagerSteps)
     with caplog.at_level(logging.WARNING, logger="trainer.cuda_graphs"):
-        layer, losses, runner = train(lambda step: CapturedSteps(step, StandInBackend(drift=0.5)))
+        layer, losses, runner = train(lambda step: CapturedSteps(step, StandInBackend(drift=0.5), whole_step=True))
     assert runner.captured == 0 and len(runner.refusals) == 4
     assert "differs from the eager step" in caplog.text
     assert losses == pytest.approx(eager_losses, rel=1e-6)
@@ -106,7 +116,7 @@ def test_a_replay_that_disagrees_with_the_eager_step_is_not_used(caplog) -> None
 
 def test_a_failed_capture_leaves_those_steps_eager() -> None:
     eager_layer, eager_losses, _ = train(EagerSteps)
-    layer, losses, runner = train(lambda step: CapturedSteps(step, StandInBackend(fail=True)))
+    layer, losses, runner = train(lambda step: CapturedSteps(step, StandInBackend(fail=True), whole_step=False))
     assert runner.captured == 0 and all("capture failed: operation not permitted" in r for r in runner.refusals)
     assert losses == pytest.approx(eager_losses, rel=1e-6)
     torch.testing.assert_close(layer.weight, eager_layer.weight, rtol=1e-6, atol=1e-7)
@@ -179,7 +189,10 @@ def mode_config(mode: str, images: Path, pair: tuple[str, str], **changes) -> Tr
     [("LoRA", list(BLOCKS_SD)), ("iLECO", unet_blocks()), ("ADDifT", unet_blocks()), ("Difference", unet_blocks())],
     ids=["lora-with-text-encoder", "ileco", "addift", "difference"],
 )
-def test_every_mode_runs_through_graph_replays_like_eager(mode, blocks, tmp_path, sample_images, monkeypatch, caplog):
+@pytest.mark.parametrize("whole_step", [True, False], ids=["whole-step", "forward-backward"])
+def test_every_mode_runs_through_graph_replays_like_eager(
+    mode, blocks, whole_step, tmp_path, sample_images, monkeypatch, caplog
+):
     """The loop's graph path with the stand-in backend on the CPU: every mode's loss reads only its step inputs (the
     replay runs on the static buffers) and trains exactly as the eager steps do."""
     from PIL import Image
@@ -192,7 +205,8 @@ def test_every_mode_runs_through_graph_replays_like_eager(mode, blocks, tmp_path
     eager_config = mode_config(mode, sample_images, pair, network_blocks=blocks, use_cuda_graph=False)
     eager = run_training(RunContext(eager_config, build_tiny("sd1"), dirs))
     monkeypatch.setattr("trainer.loop.CudaGraphBackend", StandInBackend)
-    monkeypatch.setattr("trainer.loop.graph_refusal", lambda optimizer, scheduler: "")
+    refusal = "" if whole_step else "the optimizer is not capturable here"
+    monkeypatch.setattr("trainer.loop.graph_refusal", lambda optimizer, scheduler: refusal)
     real_runner = loop._step_runner
     monkeypatch.setattr(
         loop, "_step_runner", lambda settings, step, optimizer, scheduler, device, graphs: real_runner(

@@ -1,4 +1,5 @@
-"""Training steps replayed as CUDA graphs: one capture (forward, backward, optimizer step) per step signature.
+"""Training steps replayed as CUDA graphs: one capture per step signature (forward, backward and, for fused AdamW /
+Adam, the optimizer step; other optimizers step eagerly on the gradients the replay wrote).
 
 An eager PyTorch LoRA step is bound by the host launching thousands of small kernels; a replayed graph launches them
 all at once. Each new signature (bucket shape, step variant) first runs a few eager steps (lazy initialisation:
@@ -19,7 +20,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from trainer.step import EagerSteps, OptimizerStep, StepInputs
+from trainer.step import EagerSteps, OptimizerStep, StepInputs, StepState
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,26 @@ class _Signature:
     graph: Replay | None = None
     inputs: StepInputs | None = None  # the graph's static input buffers
     loss: torch.Tensor | None = None  # the graph's static loss
+    grads: list[torch.Tensor | None] | None = None  # forward-backward graphs: the gradient buffers it writes
     refused: str = ""
 
 
 class CapturedSteps:
-    """Runs steps as CUDA graph replays where a verified capture exists, eagerly otherwise."""
+    """Runs steps as CUDA graph replays where a verified capture exists, eagerly otherwise.
 
-    def __init__(self, step: OptimizerStep, backend: GraphBackend, warmup: int = EAGER_STEPS_BEFORE_CAPTURE) -> None:
-        self.step, self.backend, self.warmup = step, backend, warmup
+    With `whole_step` the graph holds the optimizer step too (fused, capturable AdamW / Adam); otherwise it holds the
+    forward and backward, which is where the thousands of small kernels are, and any optimizer steps eagerly on the
+    gradients the replay wrote."""
+
+    def __init__(
+        self,
+        step: OptimizerStep,
+        backend: GraphBackend,
+        *,
+        whole_step: bool,
+        warmup: int = EAGER_STEPS_BEFORE_CAPTURE,
+    ) -> None:
+        self.step, self.backend, self.whole_step, self.warmup = step, backend, whole_step, warmup
         self.eager = EagerSteps(step)
         self.signatures: dict[tuple, _Signature] = {}
 
@@ -124,7 +137,7 @@ class CapturedSteps:
         if entry.graph is not None:
             for name, tensor in inputs.tensors.items():
                 entry.inputs.tensors[name].copy_(tensor)
-            return self._replay(entry.graph, entry.loss)
+            return self._replay(entry)
         if entry.refused:
             return self.eager(inputs)
         if entry.eager_steps < self.warmup:
@@ -136,29 +149,32 @@ class CapturedSteps:
     def _capture(self, entry: _Signature, inputs: StepInputs) -> torch.Tensor:
         """Capture this signature's step, check the replay against an eager step from the same state, and keep the
         graph only when they agree. Either way the step is done exactly once (state as after one step)."""
-        tensors = self.step.state_tensors()
-        before = _copies(tensors)
+        before = _snapshot(self.step)
         eager_loss = self.eager(inputs)
-        after = _copies(tensors) if before is not None else None
+        after = _snapshot(self.step) if before is not None else None
         if before is None or after is None:
             return self._refuse(entry, inputs, "not enough GPU memory to check a capture", eager_loss)
-        _restore(tensors, before)
+        before.restore()
+        body = self.step if self.whole_step else self.step.forward_backward
         try:
-            static = StepInputs({name: t.clone() for name, t in inputs.tensors.items()}, inputs.variant)
+            entry.inputs = StepInputs({name: t.clone() for name, t in inputs.tensors.items()}, inputs.variant)
             self.step.optimizer.zero_grad(set_to_none=True)
-            graph, loss = self.backend.capture(lambda: self.step(static))
-            self._replay(graph, loss)
+            entry.graph, entry.loss = self.backend.capture(lambda: body(entry.inputs))
+            if not self.whole_step:
+                entry.grads = [p.grad for p in self.step.parameters()]
+            self._replay(entry)
             self.backend.synchronize()
-            problem = _disagreement(eager_loss, loss, before, after, tensors)
+            problem = _disagreement(eager_loss, entry.loss, before, after)
         except Exception as error:  # anything that cannot be captured: this signature stays eager
-            self.step.optimizer.zero_grad(set_to_none=True)
             problem = f"capture failed: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}"
         if problem:
-            _restore(tensors, after)
+            self.step.optimizer.zero_grad(set_to_none=True)
+            after.restore()
+            entry.graph = entry.inputs = entry.loss = entry.grads = None
             return self._refuse(entry, inputs, problem, eager_loss)
-        entry.graph, entry.inputs, entry.loss = graph, static, loss
-        log.info("CUDA graph captured for %s.", _describe(inputs))
-        return loss.clone()
+        kind = "forward, backward and optimizer step" if self.whole_step else "forward and backward"
+        log.info("CUDA graph captured for %s (%s).", _describe(inputs), kind)
+        return entry.loss.clone()
 
     @staticmethod
     def _refuse(entry: _Signature, inputs: StepInputs, problem: str, eager_loss: torch.Tensor) -> torch.Tensor:
@@ -167,42 +183,36 @@ class CapturedSteps:
         log.warning("CUDA graph not used for %s; these steps run eagerly.", entry.refused)
         return eager_loss
 
-    def _replay(self, graph: Replay, loss: torch.Tensor) -> torch.Tensor:
-        """Replay and copy the loss out. The graph writes its own gradient buffers; the parameters' `.grad` stay
-        None for the eager steps of other signatures."""
-        graph.replay()
-        self.step.optimizer.zero_grad(set_to_none=True)
-        return loss.clone()
+    def _replay(self, entry: _Signature) -> torch.Tensor:
+        """Replay (a forward-backward graph: then the optimizer step on the gradients it wrote) and copy the loss
+        out. Between steps the parameters' `.grad` are None, for the eager steps of other signatures."""
+        optimizer = self.step.optimizer
+        if entry.grads is not None:
+            for param, grad in zip(self.step.parameters(), entry.grads):
+                param.grad = grad
+            optimizer.zero_grad(set_to_none=False)  # a replay writes them all; this keeps any stand-in honest too
+        entry.graph.replay()
+        if entry.grads is not None:
+            self.step.apply()
+        optimizer.zero_grad(set_to_none=True)
+        return entry.loss.clone()
 
 
-def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """Detached copies of the step's state, None when the GPU has no room for them."""
+def _snapshot(step: OptimizerStep) -> StepState | None:
+    """A copy of the step's state, None when the GPU has no room for it."""
     try:
-        return [t.detach().clone() for t in tensors]
+        return step.snapshot()
     except torch.cuda.OutOfMemoryError:
         return None
 
 
-def _restore(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-    """Copy `values` back in place (the graph and the optimizer hold these tensors' addresses)."""
-    with torch.no_grad():
-        for tensor, value in zip(tensors, values):
-            tensor.copy_(value)
-
-
-def _disagreement(
-    eager_loss: torch.Tensor,
-    loss: torch.Tensor,
-    before: list[torch.Tensor],
-    after: list[torch.Tensor],
-    tensors: list[torch.Tensor],
-) -> str:
-    """Empty when the replay did what the eager step did (same loss, same parameter update), else what differs."""
+def _disagreement(eager_loss: torch.Tensor, loss: torch.Tensor, before: StepState, after: StepState) -> str:
+    """Empty when the replay did what the eager step did (same loss, same update of the state), else what differs."""
     expected, got = float(eager_loss), float(loss)
     if abs(got - expected) > LOSS_TOLERANCE * max(abs(expected), 1e-6):
         return f"replayed loss {got:.6g} differs from the eager step's {expected:.6g}"
-    eager_update = torch.cat([(a - b).float().flatten() for a, b in zip(after, before)])
-    graph_update = torch.cat([(t.detach() - b).float().flatten() for t, b in zip(tensors, before)])
+    eager_update = torch.cat([(a - b).float().flatten() for a, b in zip(after.values, before.values)])
+    graph_update = before.changed()
     if not bool(eager_update.any()):
         return "" if not bool(graph_update.any()) else "the replay changed weights the eager step left alone"
     agreement = float(F.cosine_similarity(eager_update, graph_update, dim=0))

@@ -170,16 +170,15 @@ def _step_runner(
     device: torch.device,
     graphs: bool,
 ) -> StepRunner:
-    """How each step runs: replayed CUDA graphs where the setting, the device and the optimizer allow, else eagerly;
-    the loss computation compiled when asked."""
+    """How each step runs: replayed CUDA graphs where the setting and the device allow (the optimizer step inside
+    them when it can be captured), else eagerly; the loss computation compiled when asked."""
     optimizer_step = OptimizerStep(step.loss, optimizer, settings.autocast_dtype, device, compile=settings.compile)
     if not graphs:
         return EagerSteps(optimizer_step)
     refusal = graph_refusal(optimizer, scheduler)
     if refusal:
-        log.info("Steps run without CUDA graphs: %s", refusal)
-        return EagerSteps(optimizer_step)
-    return CapturedSteps(optimizer_step, CudaGraphBackend())
+        log.info("The optimizer steps outside the CUDA graphs: %s.", refusal)
+    return CapturedSteps(optimizer_step, CudaGraphBackend(), whole_step=not refusal)
 
 
 def readback_interval(device: torch.device) -> int:

@@ -4,6 +4,7 @@ computes its loss from those tensors alone, so the compute can be compiled or ca
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
@@ -71,26 +72,82 @@ class OptimizerStep:
 
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
         """One optimizer step on `inputs`; the detached loss."""
+        loss = self.forward_backward(inputs)
+        self.apply()
+        return loss
+
+    def forward_backward(self, inputs: StepInputs) -> torch.Tensor:
+        """The loss and its gradients (scaled for fp16); the detached loss."""
         compute = self.compiled or self.loss
         with self.autocast():
             loss = compute(inputs)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        return loss.detach()
+
+    def apply(self) -> None:
+        """The optimizer step on the gradients there are (through the gradient scaler for fp16)."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
-        return loss.detach()
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The trained parameters, in the optimizer's order."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step changes: trained parameters, optimizer state, the gradient scaler's scale."""
-        tensors = [p for group in self.optimizer.param_groups for p in group["params"]]
+        tensors = self.parameters()
         for state in self.optimizer.state.values():
             tensors += [value for _, value in sorted(state.items()) if isinstance(value, torch.Tensor)]
         if self.scaler is not None and self.scaler._scale is not None:
             tensors += [self.scaler._scale, self.scaler._growth_tracker]
         return tensors
+
+    def snapshot(self) -> StepState:
+        """A copy of everything a step changes, to put back with `restore`."""
+        return StepState(self)
+
+
+class StepState:
+    """A copy of a step's state: its tensors (put back in place: a CUDA graph holds their addresses) and the plain
+    values optimizers keep beside them (step counters, Prodigy's / D-Adaptation's d, ...)."""
+
+    def __init__(self, step: OptimizerStep) -> None:
+        self.step = step
+        self.tensors = step.state_tensors()
+        self.values = [t.detach().clone() for t in self.tensors]
+        self.plain = _plain_values(step.optimizer)
+
+    def restore(self) -> None:
+        """Put the copied state back."""
+        with torch.no_grad():
+            for tensor, value in zip(self.tensors, self.values):
+                tensor.copy_(value)
+        optimizer = self.step.optimizer
+        for param, values in self.plain["state"].items():
+            optimizer.state[param].update(copy.deepcopy(values))
+        for group, values in zip(optimizer.param_groups, self.plain["groups"]):
+            group.update(copy.deepcopy(values))
+
+    def changed(self) -> torch.Tensor:
+        """The step's current tensors minus the copied ones, flattened (the update since the copy)."""
+        return torch.cat([(t.detach() - v).float().flatten() for t, v in zip(self.tensors, self.values)])
+
+
+def _plain_values(optimizer: torch.optim.Optimizer) -> dict:
+    """Copies of the non-tensor values of the optimizer's per-parameter state and of its parameter groups (keyed by
+    the parameters themselves, which are not copied)."""
+    state = {
+        param: copy.deepcopy({key: value for key, value in values.items() if not isinstance(value, torch.Tensor)})
+        for param, values in optimizer.state.items()
+    }
+    groups = [
+        copy.deepcopy({k: v for k, v in group.items() if k != "params" and not isinstance(v, torch.Tensor)})
+        for group in optimizer.param_groups
+    ]
+    return {"state": state, "groups": groups}
 
 
 class EagerSteps:
