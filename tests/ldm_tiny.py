@@ -2,8 +2,8 @@
 
 The UNet is ldm's real `UNetModel`, loaded with the weights of the tiny diffusers model of the same kind (through
 `ldm_convert`), so the LDM adapter can be compared with the diffusers one. Around it sit small stand-ins shaped like
-the WebUI's objects: ldm's `AutoencoderKL` (ldm's real Encoder / Decoder), `FrozenCLIPEmbedder` (a transformers
-CLIPTextModel), an open_clip text tower (open_clip needs torchvision, which cannot be installed here), the WebUI's
+the WebUI's objects (the shared ones from `trainer.bench.webui_layout`): ldm's `AutoencoderKL` (ldm's real Encoder /
+Decoder), `FrozenCLIPEmbedder` (a transformers CLIPTextModel), an open_clip text tower (open_clip needs torchvision, which cannot be installed here), the WebUI's
 prompt wrappers (`.wrapped`) and sgm's size embedders.
 """
 
@@ -18,13 +18,17 @@ import torch
 from torch import nn
 
 ldm_openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
-from ldm.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
 from ldm.modules.diffusionmodules.util import timestep_embedding  # noqa: E402
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution  # noqa: E402
 
+from trainer.bench.webui_layout import (  # noqa: E402
+    AutoencoderKL,
+    CustomWords,
+    FrozenCLIPEmbedder,
+    LatentDiffusion,
+)
 from trainer.models.diffusers_backend import Components  # noqa: E402
 from trainer.models.ldm_convert import text_encoder_state_dict_to_ldm, unet_state_dict_to_ldm  # noqa: E402
-from trainer.models.tiny import SCALING_FACTOR, build_tiny_components  # noqa: E402
+from trainer.models.tiny import build_tiny_components  # noqa: E402
 
 # ldm UNetModel arguments equal to trainer.models.tiny's diffusers UNets (channels 32/64, one layer per level).
 UNET_ARGS = {
@@ -94,24 +98,11 @@ def make_sdxl(unet: nn.Module, adm_in_channels: int) -> None:
             module.forward = types.MethodType(_spatial_transformer_forward, module)
 
 
-class AutoencoderKL(nn.Module):
-    """ldm.models.autoencoder.AutoencoderKL without pytorch_lightning: encode → posterior, decode(z)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder, self.decoder = Encoder(**VAE_ARGS), Decoder(**VAE_ARGS)
-        self.quant_conv = nn.Conv2d(8, 8, 1)
-        self.post_quant_conv = nn.Conv2d(4, 4, 1)
-
-    def encode(self, x):
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
-
-    def decode(self, z):
-        return self.decoder(self.post_quant_conv(z))
-
-
 class AutoencoderKLInferenceWrapper(AutoencoderKL):
     """sgm's SDXL VAE wrapper: encode returns a sample."""
+
+    def __init__(self) -> None:
+        super().__init__(**VAE_ARGS)
 
     def encode(self, x):
         return super().encode(x).sample()
@@ -154,16 +145,6 @@ class OpenClipText(nn.Module):
         self.register_buffer("attn_mask", torch.full((77, 77), float("-inf")).triu(1), persistent=False)
 
 
-class FrozenCLIPEmbedder(nn.Module):
-    """ldm / sgm FrozenCLIPEmbedder: a transformers CLIPTextModel and its tokenizer."""
-
-    input_key = "txt"
-
-    def __init__(self, transformer: nn.Module, tokenizer) -> None:
-        super().__init__()
-        self.transformer, self.tokenizer = transformer, tokenizer
-
-
 class FrozenOpenCLIPEmbedder(nn.Module):
     """ldm FrozenOpenCLIPEmbedder / sgm FrozenOpenCLIPEmbedder2: the open_clip model (no tokenizer attribute)."""
 
@@ -172,15 +153,6 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-
-
-class CustomWords(nn.Module):
-    """The WebUI's prompt-parsing wrapper (FrozenCLIPEmbedderWithCustomWords & co.) around an embedder."""
-
-    def __init__(self, wrapped: nn.Module) -> None:
-        super().__init__()
-        self.wrapped = wrapped
-        self.input_key = getattr(wrapped, "input_key", "txt")
 
 
 class ConcatTimestepEmbedderND(nn.Module):
@@ -194,31 +166,10 @@ class ConcatTimestepEmbedderND(nn.Module):
         return timestep_embedding(x.flatten(), self.outdim).reshape(x.shape[0], -1)
 
 
-class DiffusionWrapper(nn.Module):
-    def __init__(self, diffusion_model: nn.Module) -> None:
-        super().__init__()
-        self.diffusion_model = diffusion_model
-
-
 class Conditioner(nn.Module):
     def __init__(self, embedders: list[nn.Module]) -> None:
         super().__init__()
         self.embedders = nn.ModuleList(embedders)
-
-
-class LatentDiffusion(nn.Module):
-    """The attributes the WebUI's model object exposes: model, first_stage_model, text conditioning, schedule, flags."""
-
-    def __init__(self, kind: str, unet, vae, text, alphas_cumprod, parameterization: str) -> None:
-        super().__init__()
-        self.model, self.first_stage_model = DiffusionWrapper(unet), vae
-        if kind == "sdxl":
-            self.conditioner = text
-        else:
-            self.cond_stage_model = text
-        self.register_buffer("alphas_cumprod", alphas_cumprod.clone())
-        self.parameterization, self.scale_factor = parameterization, SCALING_FACTOR[kind]
-        self.is_sd1, self.is_sd2, self.is_sdxl = kind == "sd1", kind == "sd2", kind == "sdxl"
 
 
 def openclip_from_hf(encoder: nn.Module) -> OpenClipText:
@@ -248,7 +199,7 @@ def build_ldm_model(kind: str, seed: int = 0, wrapped: bool = True) -> tuple[Lat
     unet.load_state_dict(unet_state_dict_to_ldm(components.unet.state_dict(), config), strict=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        vae = (AutoencoderKLInferenceWrapper if kind == "sdxl" else AutoencoderKL)().eval()
+        vae = (AutoencoderKLInferenceWrapper() if kind == "sdxl" else AutoencoderKL(**VAE_ARGS)).eval()
     wrap = CustomWords if wrapped else (lambda embedder: embedder)
     encoders, tokenizers = components.text_encoders, components.tokenizers
     if kind == "sd1":

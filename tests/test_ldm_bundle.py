@@ -17,6 +17,7 @@ from ldm_tiny import (
     FrozenCLIPEmbedder,
     FrozenOpenCLIPEmbedder,
     LatentDiffusion,
+    VAE_ARGS,
     OpenClipText,
     build_ldm_model,
     ldm_unet,
@@ -194,7 +195,7 @@ def real_layout(name: str) -> LatentDiffusion:
             make_sdxl(unet, 2816)
             big_g = CustomWords(FrozenOpenCLIPEmbedder(OpenClipText(49408, 1280, 32, 20, 5120, 1280)))
             kind, text = "sdxl", Conditioner([clip_l, big_g])
-        return LatentDiffusion(kind, unet, AutoencoderKL(), text, torch.zeros(1000), "eps")
+        return LatentDiffusion(kind, unet, AutoencoderKL(**VAE_ARGS), text, torch.zeros(1000), "eps")
 
 
 @pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])

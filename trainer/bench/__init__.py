@@ -8,6 +8,7 @@ same UNet with plain rank-r adapters on the same layers, fused AdamW and, on CUD
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import re
 import sys
@@ -20,7 +21,7 @@ import torch
 
 from trainer.bench.models import bench_bundle
 from trainer.bench.reference import time_reference
-from trainer.bench.settings import GIB, MODELS, MODES, RANK, BenchReport, BenchSettings, Measurement
+from trainer.bench.settings import ADAPTERS, GIB, MODELS, MODES, RANK, BenchReport, BenchSettings, Measurement
 from trainer.bench.timing import PeakMemory, first_timed_step, time_mode
 from trainer.errors import TrainTrainError
 
@@ -46,6 +47,15 @@ def _line(what: str, m: Measurement) -> str:
     )
 
 
+def _adapter_patches(adapter: str) -> contextlib.AbstractContextManager:
+    """The WebUI's UNet hijacks for the LDM layout (timestep embeddings on the device, SDPA attention)."""
+    if adapter != "ldm":
+        return contextlib.nullcontext()
+    from trainer.bench.webui_layout import webui_unet_patches
+
+    return webui_unet_patches()
+
+
 def run_bench(settings: BenchSettings, out: Callable[[str], None] = print) -> BenchReport:
     """Build the model, time the mode and the reference, and print the report line by line through `out`."""
     from trainer.models.open import default_device
@@ -58,7 +68,8 @@ def run_bench(settings: BenchSettings, out: Callable[[str], None] = print) -> Be
     memory = PeakMemory(device)
     s = settings
     header = [
-        f"TrainTrain bench: model {s.model} (random weights), mode {MODES[s.mode]}, rank {RANK}, UNet only",
+        f"TrainTrain bench: model {s.model} (random weights, {ADAPTERS[s.adapter]}), mode {MODES[s.mode]}, "
+        f"rank {RANK}, UNet only",
         f"device: {_device_name(device)}, torch {torch.__version__}, dtype {str(dtype).removeprefix('torch.')}, "
         f"batch {s.batch}, resolution {s.side}, grad-ckpt {'on' if s.grad_ckpt else 'off'}",
         f"warm-up {s.warmup} steps{_mode_warmup(s, device)}, timed {s.steps} steps; memory: {memory.label}",
@@ -66,12 +77,13 @@ def run_bench(settings: BenchSettings, out: Callable[[str], None] = print) -> Be
     for line in header:
         out(line)
     started = time.perf_counter()
-    bundle = bench_bundle(s.model, device, dtype)
+    bundle = bench_bundle(s.model, device, dtype, s.adapter)
     out(f"model built in {time.perf_counter() - started:.1f} s")
-    mode = time_mode(bundle, s, memory)
-    out(_line(f"mode ({MODES[s.mode]} via run_training, {mode.note})", mode))
-    reference = time_reference(bundle, s, memory)
-    out(_line(f"reference (bare step, {reference.note})", reference))
+    with _adapter_patches(s.adapter):
+        mode = time_mode(bundle, s, memory)
+        out(_line(f"mode ({MODES[s.mode]} via run_training, {mode.note})", mode))
+        reference = time_reference(bundle, s, memory)
+        out(_line(f"reference (bare step, {reference.note})", reference))
     report = BenchReport(s, _device_name(device), dtype, mode, reference)
     out(f"ratio: {report.ratio:.2f} (mode / reference)")
     return report
@@ -81,6 +93,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """The `bench` command's options."""
     parser.add_argument("--model", choices=list(MODELS), default="tiny", help="tiny, or random-weight SD1.5 / SDXL")
     parser.add_argument("--mode", choices=list(MODES), default="lora")
+    parser.add_argument(
+        "--adapter", choices=list(ADAPTERS), default="diffusers", help="ldm: SD1.5 in the WebUI's model layout"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--resolution", type=int, help="image side in pixels (default: 64 tiny, 512 sd1, 1024 sdxl)")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")

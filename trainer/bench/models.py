@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from trainer.bench.settings import MODELS
-from trainer.models.bundle import ModelKind
+from trainer.models.bundle import ModelBundle, ModelKind
 
 if TYPE_CHECKING:  # diffusers and the modes are imported when a bench runs, not to parse the command line
-    from trainer.models.diffusers_backend import Components, DiffusersBundle
+    from trainer.models.diffusers_backend import Components
 
 
 
@@ -60,10 +60,16 @@ def random_components(kind: ModelKind, device: torch.device, dtype: torch.dtype)
     return Components(unet, vae, encoders, tokenizers, kind, "epsilon", ddpm_alphas_cumprod())
 
 
-def bench_bundle(model: str, device: torch.device, dtype: torch.dtype) -> DiffusersBundle:
-    """The model to time: the tiny SD1 model, or a random-weight full-size SD1.5 / SDXL."""
+def bench_bundle(model: str, device: torch.device, dtype: torch.dtype, adapter: str = "diffusers") -> ModelBundle:
+    """The model to time: the tiny SD1 model, or a random-weight full-size SD1.5 / SDXL; with adapter "ldm", SD1.5 in
+    the WebUI's model layout behind the WebUI adapter (run it inside `webui_unet_patches`)."""
     from trainer.models.diffusers_backend import DiffusersBundle
 
+    if adapter == "ldm":
+        from trainer.bench.webui_layout import random_webui_sd15
+        from trainer.models.ldm_bundle import LdmBundle
+
+        return LdmBundle(random_webui_sd15(device, dtype), device=device, dtype=dtype)
     if model == "tiny":
         from trainer.models.tiny import build_tiny_components
 

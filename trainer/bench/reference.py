@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # diffusers and the modes are imported when a bench runs, not to parse the command line
-    from trainer.models.diffusers_backend import DiffusersBundle
-
 from trainer.bench.settings import ALPHA, LEARNING_RATE, PROMPTS, RANK, BenchSettings, Measurement
 from trainer.bench.timing import PeakMemory, bench_config, sync_device
+from trainer.models.bundle import ModelBundle
 
 
 class PlainLoRA(nn.Module):
@@ -60,25 +58,29 @@ def plain_adapters(root: nn.Module, layers: list[nn.Module], device: torch.devic
             setattr(parent, name, child)
 
 
+def unet_of(bundle: ModelBundle) -> nn.Module:
+    """The bundle's UNet module (the diffusers adapter keeps it among its components)."""
+    return bundle.unet if hasattr(bundle, "unet") else bundle.components.unet
+
+
 def _reference_step(
-    bundle: DiffusersBundle, adapters: list[PlainLoRA], settings: BenchSettings, optimizer: torch.optim.Optimizer
+    bundle: ModelBundle, adapters: list[PlainLoRA], settings: BenchSettings, optimizer: torch.optim.Optimizer
 ) -> Callable[[], torch.Tensor]:
     """One step with static inputs: noise and timesteps drawn on the device, UNet forward (iLECO: first a no-grad
     forward without the adapters for the target), MSE loss, backward, optimizer step; returns the detached loss."""
-    unet, device, dtype = bundle.components.unet, bundle.device, bundle.dtype
+    device, dtype = bundle.device, bundle.dtype
     batch, side = settings.batch, settings.side
     with torch.no_grad():
         conds = [bundle.encode_text([prompt]).detach().repeat(batch).to(device, dtype) for prompt in PROMPTS]
-    sizes = torch.tensor([side, side, 0, 0, side, side], device=device, dtype=dtype).repeat(batch, 1)
-    added = [None if c.pooled is None else {"text_embeds": c.pooled, "time_ids": sizes} for c in conds]
     latents = torch.randn(batch, 4, side // 8, side // 8, device=device)
     alphas = bundle.alphas_cumprod
     autocast = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if device.type == "cuda" else None
     ileco = settings.mode == "ileco"
 
     def predict(x: torch.Tensor, t: torch.Tensor, which: int) -> torch.Tensor:
-        """UNet output for original (0) / target (1); every input is already on the device (graph-capture safe)."""
-        return unet(x.to(dtype), t, conds[which].context, added_cond_kwargs=added[which]).sample
+        """UNet output for original (0) / target (1) through the adapter's thin `predict` (every input is already on
+        the device; SDXL's size ids are built once per shape, in the eager warm-up)."""
+        return bundle.predict(x, t, conds[which])
 
     def step() -> torch.Tensor:
         with autocast or contextlib.nullcontext():
@@ -135,14 +137,14 @@ def _eager(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer) -
     return run
 
 
-def time_reference(bundle: DiffusersBundle, settings: BenchSettings, memory: PeakMemory) -> Measurement:
+def time_reference(bundle: ModelBundle, settings: BenchSettings, memory: PeakMemory) -> Measurement:
     """Time the bare step on the layers the mode trains (rank 16, fp32 adapters, frozen UNet in the bundle dtype)."""
     from trainer.modes.common import network_spec
 
     device = bundle.device
     spec = network_spec(bench_config(settings, None, 1, device), text_encoder=False)
     layers = [t.module for t in bundle.lora_targets() if not t.name.startswith("lora_te") and spec.accepts(t)]
-    with bundle.training(), plain_adapters(bundle.components.unet, layers, device) as adapters:
+    with bundle.training(), plain_adapters(unet_of(bundle), layers, device) as adapters:
         bundle.set_gradient_checkpointing(settings.grad_ckpt)
         params = [p for adapter in adapters for p in (adapter.down.weight, adapter.up.weight)]
         cuda = device.type == "cuda"

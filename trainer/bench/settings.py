@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # diffusers and the modes are imported when a bench runs, not
 
 MODELS: dict[str, ModelKind] = {"tiny": "sd1", "sd1": "sd1", "sdxl": "sdxl"}
 MODES = {"lora": "LoRA", "ileco": "iLECO"}
+ADAPTERS = {"diffusers": "diffusers", "ldm": "WebUI LDM layout"}
 DEFAULT_RESOLUTION = {"tiny": 64, "sd1": 512, "sdxl": 1024}
 RANK, ALPHA, LEARNING_RATE = 16, 8.0, 1e-4
 PROMPTS = ("a photo of a cat", "a photo of a dog")  # iLECO's original / target; the reference's conditioning
@@ -27,6 +28,7 @@ class BenchSettings:
 
     model: str = "tiny"
     mode: str = "lora"
+    adapter: str = "diffusers"  # the model adapter: diffusers, or ldm (the WebUI's model layout, SD1.5 only)
     batch: int = 1
     resolution: int | None = None  # None: 64 tiny, 512 sd1, 1024 sdxl
     grad_ckpt: bool = False
@@ -43,8 +45,13 @@ class BenchSettings:
 
     def check(self) -> None:
         """Refuse settings the bench cannot run, saying what to change."""
-        if self.model not in MODELS or self.mode not in MODES:
-            raise TrainTrainError(f"Choose --model from {', '.join(MODELS)} and --mode from {', '.join(MODES)}.")
+        if self.model not in MODELS or self.mode not in MODES or self.adapter not in ADAPTERS:
+            raise TrainTrainError(
+                f"Choose --model from {', '.join(MODELS)}, --mode from {', '.join(MODES)} and --adapter from "
+                f"{', '.join(ADAPTERS)}."
+            )
+        if self.adapter == "ldm" and self.model != "sd1":
+            raise TrainTrainError("--adapter ldm builds SD1.5 in the WebUI's layout: use it with --model sd1.")
         if self.batch < 1 or self.steps < 1 or self.warmup < 1 or (self.threads or 1) < 1:
             raise TrainTrainError("--batch, --steps, --warmup and --threads must be at least 1.")
         if self.side < 64 or self.side % 64:

@@ -20,7 +20,7 @@ from trainer.progress import Progress
 
 if TYPE_CHECKING:  # diffusers and the modes are imported when a bench runs, not to parse the command line
     from trainer.config import TrainConfig
-    from trainer.models.diffusers_backend import DiffusersBundle
+    from trainer.models.bundle import ModelBundle
 
 
 
@@ -189,7 +189,7 @@ def first_timed_step(warmup: int, device: torch.device) -> int:
     return math.ceil(warmup / every) * every
 
 
-def time_mode(bundle: DiffusersBundle, settings: BenchSettings, memory: PeakMemory) -> Measurement:
+def time_mode(bundle: ModelBundle, settings: BenchSettings, memory: PeakMemory) -> Measurement:
     """Run the real mode for (warm-up rounded up to a progress event) + steps iterations and time the steps after the
     warm-up from the progress events; peak memory counts from the end of the warm-up."""
     from trainer.demo import write_sample_images
