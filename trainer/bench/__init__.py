@@ -24,6 +24,7 @@ from trainer.bench.reference import time_reference
 from trainer.bench.settings import ADAPTERS, GIB, MODELS, MODES, RANK, BenchReport, BenchSettings, Measurement
 from trainer.bench.timing import PeakMemory, first_timed_step, time_mode
 from trainer.errors import TrainTrainError
+from trainer.precision import precision_dtype
 
 
 def _device_name(device: torch.device) -> str:
@@ -64,7 +65,7 @@ def run_bench(settings: BenchSettings, out: Callable[[str], None] = print) -> Be
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = default_device()
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = torch.float32 if device.type == "cpu" else precision_dtype(settings.precision)
     memory = PeakMemory(device)
     s = settings
     header = [
@@ -108,6 +109,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="CUDA graphs: the mode's use_cuda_graph setting and the reference step as one graph (CUDA)",
     )
     parser.add_argument("--compile", action="store_true", help="the mode's use_torch_compile setting")
+    parser.add_argument(
+        "--precision", choices=["bf16", "fp16"], default="bf16", help="GPU: frozen weights and autocast (fp16: grad scaler)"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 gives steadier CPU figures")
     return parser
 

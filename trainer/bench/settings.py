@@ -36,6 +36,7 @@ class BenchSettings:
     warmup: int = 3
     graph: bool = True  # CUDA graphs: the mode's `use_cuda_graph`, the reference captured as one graph (CUDA only)
     compile: bool = False  # the mode's `use_torch_compile`
+    precision: str = "bf16"  # GPU: frozen weights and autocast, the mode's `train_model_precision` (CPU: fp32)
     threads: int | None = None  # CPU threads (torch.set_num_threads); None: torch's default
 
     @property
@@ -50,6 +51,8 @@ class BenchSettings:
                 f"Choose --model from {', '.join(MODELS)}, --mode from {', '.join(MODES)} and --adapter from "
                 f"{', '.join(ADAPTERS)}."
             )
+        if self.precision not in ("bf16", "fp16"):
+            raise TrainTrainError(f"--precision is bf16 or fp16, not {self.precision}.")
         if self.adapter == "ldm" and self.model != "sd1":
             raise TrainTrainError("--adapter ldm builds SD1.5 in the WebUI's layout: use it with --model sd1.")
         if self.batch < 1 or self.steps < 1 or self.warmup < 1 or (self.threads or 1) < 1:

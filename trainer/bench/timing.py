@@ -147,7 +147,8 @@ class StepClock:
 
 
 def bench_config(settings: BenchSettings, data_dir: Path | None, iterations: int, device: torch.device) -> TrainConfig:
-    """The mode's settings: UNet-only rank-16 LierLa, constant lr, bf16 model on a GPU, fp32 LoRA, no CSV or saves."""
+    """The mode's settings: UNet-only rank-16 LierLa, constant lr, bf16 (or fp16) model on a GPU, fp32 LoRA, no CSV or
+    saves."""
     from trainer.config import TrainConfig
     from trainer.config_fields import BLOCKS_SD
     from trainer.models.targets import TEXT_BLOCK
@@ -172,7 +173,7 @@ def bench_config(settings: BenchSettings, data_dir: Path | None, iterations: int
         use_gradient_checkpointing=settings.grad_ckpt,
         use_cuda_graph=settings.graph,
         use_torch_compile=settings.compile,
-        train_model_precision="fp32" if device.type == "cpu" else "bf16",
+        train_model_precision="fp32" if device.type == "cpu" else settings.precision,
         train_lora_precision="fp32",
         save_lora_name="bench",
         save_overwrite=True,
