@@ -113,6 +113,18 @@ def test_detect_kind_from_real_shapes():
         detect_kind({to_k: (320, 2048)})
 
 
+@pytest.mark.parametrize("bias, expected", [(-2.0, "v"), (0.0, "epsilon")])
+def test_sd2_files_without_a_v_pred_key_are_told_apart_by_their_weights(models, bias, expected):
+    """A v-model answers a flat grey latent at t=999 far below it (mean difference under -1), an ε-model near it:
+    here the tiny SD2 UNet's output is pinned to a constant through its last convolution."""
+    _, sd2_file, sd2_folder = models["sd2"]
+    state = load_file(str(sd2_file))
+    state.pop("v_pred", None)
+    state["model.diffusion_model.out.2.weight"] = torch.zeros_like(state["model.diffusion_model.out.2.weight"])
+    state["model.diffusion_model.out.2.bias"] = torch.full_like(state["model.diffusion_model.out.2.bias"], bias)
+    assert components_from_ldm(state, config_dir=sd2_folder).prediction == expected
+
+
 def test_prediction_setting_overrides(models):
     _, sd2_file, sd2_folder = models["sd2"]
     assert load_checkpoint(sd2_file, config_dir=sd2_folder, v_pred=False).prediction == "epsilon"

@@ -234,7 +234,8 @@ def components_from_ldm(
     state: dict[str, torch.Tensor], *, config_dir: Path | str | None = None, dtype: torch.dtype = torch.float32
 ) -> Components:
     """Components from an LDM state dict (consumed as it loads) and a config folder, by default the shipped one for the
-    detected kind. The prediction type is a `v_pred` key's, else the config's scheduler's."""
+    detected kind. The prediction type is a `v_pred` key's; else, for SD2, the weights' own answer (`sd2_prediction`);
+    else the config's scheduler's."""
     kind, hint = detect_kind(state)
     config = _config_folder(config_dir, kind)
     if not (config / "unet" / "config.json").is_file():
@@ -243,8 +244,24 @@ def components_from_ldm(
     vae = _load_vae(_take(state, VAE_PREFIX), config, dtype)
     encoders = [_load_text_encoder(state, slot, kind, config, dtype) for slot in range(len(TEXT_ENCODER_SLOTS[kind]))]
     components = _assemble(config, kind, unet, vae, encoders)
+    if hint is None and kind == "sd2":
+        hint = sd2_prediction(unet)
     components.prediction = hint or components.prediction
     return components
+
+
+def sd2_prediction(unet: nn.Module) -> Prediction | None:
+    """SD2 files say nothing of their prediction type: the 768-v models predict v, the 512-base ones ε. Told apart as
+    the WebUI tells them apart, by the UNet's answer to a flat grey latent at the last timestep: a v-model's output
+    lies far below its input (mean difference under -1), an ε-model's near it. None for weights not loaded (meta)."""
+    weight = next(unet.parameters())
+    if weight.is_meta:
+        return None
+    grey = torch.full((1, 4, 8, 8), 0.5, dtype=weight.dtype, device=weight.device)
+    context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        out = unet(grey, torch.tensor([999], device=weight.device), encoder_hidden_states=context).sample
+    return "v" if float((out.float() - grey.float()).mean()) < -1 else "epsilon"
 
 
 def _folder_kind(unet_config: Mapping[str, Any], text_encoders: int) -> ModelKind:
