@@ -155,3 +155,21 @@ def test_train_and_queue_in_the_browser(server, page, tmp_path):
     if os.environ.get("TRAINTRAIN_SCREENSHOTS"):
         for shot in ("train.png", "queue.png"):
             shutil.copy(tmp_path / shot, Path(os.environ["TRAINTRAIN_SCREENSHOTS"]) / shot)
+
+
+def test_ileco_previews_in_the_browser(server, page):
+    url, _ = server
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#tt_status .tt-status")
+    assert not page.locator("#tt_preview_all").is_visible()  # LoRA mode: no previews
+    page.locator("#tt_mode label", has_text="iLECO").click()
+    page.locator("#tt_preview_all").wait_for(state="visible")
+    fill(page, "original_prompt", "a red circle")
+    fill(page, "image_size", "64")
+    page.locator("#tt_preview_all").click()
+    page.wait_for_function("document.querySelector('#tt_message textarea').value.includes('Preview drawn (seed ')")
+    for gallery in ("#tt_gallery_original", "#tt_gallery_target"):
+        page.locator(f"{gallery} img").first.wait_for(state="visible")
+    page.locator("#tt_mode label", has_text="LoRA").first.click()
+    page.locator("#tt_preview_all").wait_for(state="hidden")

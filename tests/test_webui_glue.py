@@ -16,15 +16,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 from ldm_tiny import build_ldm_model
+from PIL import Image
 from torch import nn
 
+from trainer.config import TrainConfig
 from trainer.demo import demo_config, write_sample_images
 from trainer.errors import TrainTrainError
 from trainer.models import webui
 from trainer.modes import OutputDirs, RunContext, run_training
+from trainer.previews import preview_requests
 from trainer.progress import StopFlag
 
 ROOT = Path(__file__).resolve().parents[1]
+OPTS = SimpleNamespace(
+    outdir_samples="", outdir_txt2img_samples="outputs/txt2img", outdir_grids="", outdir_txt2img_grids="outputs/grids"
+)
 
 
 class FakeWebUI:
@@ -39,7 +45,7 @@ class FakeWebUI:
         parts = {
             "call_queue": dict(queue_lock=self.queue_lock),
             "devices": dict(device=torch.device("cpu")),
-            "shared": dict(sd_model=sd_model, opts=SimpleNamespace(), cmd_opts=SimpleNamespace(), state=FakeState()),
+            "shared": dict(sd_model=sd_model, opts=OPTS, cmd_opts=SimpleNamespace(), state=FakeState()),
             "paths_internal": dict(models_path=str(models_path)),
             "sd_models": dict(
                 get_closet_checkpoint_match=self.checkpoints.get,
@@ -54,6 +60,7 @@ class FakeWebUI:
                 refresh_vae_list=lambda: self.calls.append(("refresh_vae_list",)),
             ),
             "lowvram": dict(module_in_gpu=None, send_everything_to_cpu=lambda: self.calls.append(("to_cpu",))),
+            "processing": dict(StableDiffusionProcessingTxt2Img=self.txt2img, process_images=self.process_images),
         }
         package = types.ModuleType("modules")
         package.__path__ = []
@@ -66,6 +73,20 @@ class FakeWebUI:
         self.modules = package
         self.networks = fake_lora_extension(self.calls)
         monkeypatch.setitem(sys.modules, "networks", self.networks)
+
+    def txt2img(self, **settings) -> SimpleNamespace:
+        """`processing.StableDiffusionProcessingTxt2Img`: the settings, and `close` as `contextlib.closing` wants."""
+        return SimpleNamespace(**settings, close=lambda: self.calls.append(("close",)))
+
+    def process_images(self, p) -> SimpleNamespace:
+        """`processing.process_images`: records what it was asked for and whether it held the generation lock."""
+        locked = self.locked_elsewhere()
+        self.calls.append(("process_images", p.prompt, p.seed, p.width, p.height, locked, self.state.job))
+        return SimpleNamespace(images=[Image.new("RGB", (p.width, p.height))])
+
+    @property
+    def state(self) -> FakeState:
+        return self.modules.shared.state
 
     def reload_model_weights(self, info) -> None:
         self.calls.append(("reload_model_weights", info.filename))
@@ -299,3 +320,20 @@ def test_the_webui_interrupt_button_stops_the_training(fake, images, tmp_path) -
         result = run_training(RunContext(config, bundle, dirs, progress=press_interrupt, stop=stop))
     assert result.stopped and result.steps < 5000 and result.path.name.startswith("demo-step")
     assert state.job == ""
+
+
+def test_ileco_previews_go_through_the_webuis_txt2img_under_its_lock(fake) -> None:
+    config = TrainConfig(mode="iLECO", original_prompt="a cat", target_prompt="a dog", image_size=(64, 96))
+    images = webui.WebUIModelProvider().preview(config, preview_requests(config, "all", seed=11))
+    assert [image.size for image in images] == [(96, 64)] * 2
+    drawn = [call for call in fake.calls if call[0] == "process_images"]
+    assert drawn == [("process_images", p, 11, 96, 64, True, "TrainTrain preview") for p in ("a cat", "a dog")]
+    assert fake.calls.count(("close",)) == 2 and fake.state.job == "" and not fake.locked_elsewhere()
+
+
+def test_previews_are_refused_while_the_webui_is_busy(fake) -> None:
+    config = TrainConfig(mode="iLECO", original_prompt="a cat")
+    with fake.queue_lock:
+        with pytest.raises(TrainTrainError, match="busy"):
+            webui.WebUIModelProvider().preview(config, preview_requests(config, "original"))
+    assert not any(call[0] == "process_images" for call in fake.calls)

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Protocol
 
 import torch
+from PIL import Image
 
 from trainer.config import TrainConfig
 from trainer.errors import TrainTrainError
 from trainer.files import atomic_write_text
 from trainer.models.bundle import ModelBundle
 from trainer.modes import OutputDirs, RunContext, run_training
+from trainer.previews import PREVIEW_BUSY, PreviewRequest
 from trainer.progress import Progress, ProgressCallback, StopFlag
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,11 @@ class ModelProvider(Protocol):
         """The model for `config`, ready until the context ends."""
         ...
 
+    def preview(self, config: TrainConfig, requests: list[PreviewRequest]) -> list[Image.Image]:
+        """iLECO previews: the images `requests` ask for; refused while a training (or, in the WebUI, a generation)
+        holds the model."""
+        ...
+
 
 class OpenModelProvider:
     """Standalone provider: `open_model` on the config's model (or `default_model`), reused while the choice stays."""
@@ -41,10 +48,27 @@ class OpenModelProvider:
         self.default_model = default_model
         self._key: tuple | None = None
         self._bundle: ModelBundle | None = None
+        self._in_use = threading.Lock()  # a job or a preview
 
     @contextlib.contextmanager
     def open(self, config: TrainConfig) -> Iterator[ModelBundle]:
         """Open (or reuse) the bundle for the config's model, VAE, v-prediction and precision."""
+        with self._in_use:
+            yield self._bundle_for(config)
+
+    def preview(self, config: TrainConfig, requests: list[PreviewRequest]) -> list[Image.Image]:
+        """Draw the previews with the config's model (refused while a job trains it)."""
+        from trainer.previews import draw
+
+        if not self._in_use.acquire(blocking=False):
+            raise TrainTrainError(PREVIEW_BUSY)
+        try:
+            bundle = self._bundle_for(config)
+            return [draw(bundle, request) for request in requests]
+        finally:
+            self._in_use.release()
+
+    def _bundle_for(self, config: TrainConfig) -> ModelBundle:
         from trainer.models.open import open_model
 
         model = config.model or self.default_model
@@ -55,7 +79,7 @@ class OpenModelProvider:
                 model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
             )
             self._key = key
-        yield self._bundle
+        return self._bundle
 
 
 @dataclass(frozen=True)

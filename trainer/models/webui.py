@@ -17,12 +17,14 @@ from types import ModuleType
 from typing import Any, Callable, Iterator
 
 import torch
+from PIL import Image
 from torch import nn
 
 from trainer.config import TrainConfig
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import ModelBundle
 from trainer.precision import weight_dtype
+from trainer.previews import PreviewRequest
 
 FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 LOWVRAM_HOOK = "send_me_to_gpu"  # the forward pre-hook modules/lowvram.py puts on the offloaded modules
@@ -33,6 +35,8 @@ FORGE_MESSAGE = (
     "torch.nn.Module). This is Forge / reForge, whose model (ForgeDiffusionEngine with ModelPatcher objects) is not "
     "one. Use the AUTOMATIC1111 WebUI 1.10, or TrainTrain standalone: python -m trainer ui, with the checkpoint file."
 )
+WEBUI_BUSY = "The WebUI is busy (a training or a generation): make the preview when it has finished."
+PREVIEW_SAMPLER = "Euler a"  # in every WebUI version
 FP8_MESSAGE = (
     "The loaded model keeps its weights in fp8 (Settings > Optimizations > FP8 weight), which cannot be trained: set "
     "FP8 weight to Disable, apply, reload the checkpoint, then start the training again."
@@ -241,3 +245,46 @@ class WebUIModelProvider:
                         yield bundle
             finally:
                 refresh_lora_list()
+
+    def preview(self, config: TrainConfig, requests: list[PreviewRequest]) -> list[Image.Image]:
+        """iLECO previews through the WebUI's txt2img pipeline with the loaded model (its sampler, `<lora:…>` in the
+        prompts, saved to the txt2img folder); refused while a training or a generation holds the model."""
+        from modules import call_queue, shared
+
+        if not call_queue.queue_lock.acquire(blocking=False):
+            raise TrainTrainError(WEBUI_BUSY)
+        try:
+            shared.state.begin(job="TrainTrain preview")
+            try:
+                return [txt2img(request) for request in requests]
+            finally:
+                shared.state.end()
+        finally:
+            call_queue.queue_lock.release()
+
+
+def txt2img(request: PreviewRequest) -> Image.Image:
+    """One image from the WebUI's txt2img processing with the loaded model, saved as txt2img saves its images."""
+    from modules import processing, shared
+
+    opts = shared.opts
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model,
+        outpath_samples=opts.outdir_samples or opts.outdir_txt2img_samples,
+        outpath_grids=opts.outdir_grids or opts.outdir_txt2img_grids,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        seed=request.seed,
+        sampler_name=PREVIEW_SAMPLER,
+        batch_size=1,
+        n_iter=1,
+        steps=request.steps,
+        cfg_scale=request.cfg_scale,
+        width=request.width,
+        height=request.height,
+    )
+    with contextlib.closing(p):
+        processed = processing.process_images(p)
+    if not processed.images:
+        raise TrainTrainError("The WebUI made no preview image (interrupted?): try again.")
+    return processed.images[0]

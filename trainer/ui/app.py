@@ -15,6 +15,7 @@ from trainer.ui.image_panel import ImagePanel
 from trainer.ui.params import Choices, ParamsPanel
 from trainer.ui.plot_panel import PlotPanel
 from trainer.ui.presets import PresetsPanel
+from trainer.ui.preview_panel import PreviewPanel
 from trainer.ui.queue_panel import QueuePanel
 from trainer.ui.status import render_status
 
@@ -61,8 +62,9 @@ class TrainTrainUI:
         self.status = gr.HTML(value=self.status_html, every=STATUS_POLL_SECONDS, elem_id="tt_status")
         self.message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tt_message")
         self.presets = PresetsPanel(presets_dir, jsons_dir)
-        self.params = ParamsPanel(model_choices, vae_choices)
+        self.params = ParamsPanel(model_choices, vae_choices, below_prompts=self._build_previews)
         self.presets.connect(self.params, self.message)
+        self.previews.connect(self.params, self.queue.provider, self.message)
         settings = self.params.inputs
         refresh.click(self.status_html, outputs=[self.status])
         self.start_button.click(shows_errors(self.start), inputs=settings, outputs=[self.message])
@@ -73,6 +75,9 @@ class TrainTrainUI:
                 inputs=[self.continue_queue],
                 outputs=[self.message],
             )
+
+    def _build_previews(self) -> None:
+        self.previews = PreviewPanel()
 
     def status_html(self) -> str:
         """The status box's HTML now."""

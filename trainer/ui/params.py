@@ -44,13 +44,18 @@ def _second_pass_specs() -> list[FieldSpec]:
 class ParamsPanel:
     """Every setting widget; `inputs` lists them in the order `read` takes and `show` returns values."""
 
-    def __init__(self, model_choices: Choices, vae_choices: Choices) -> None:
+    def __init__(
+        self, model_choices: Choices, vae_choices: Choices, below_prompts: Callable[[], object] | None = None
+    ) -> None:
+        """`below_prompts` builds what goes right under the prompts (iLECO's preview buttons)."""
         self.first: dict[str, Any] = {}
         self.second: dict[str, Any] = {}
         self._choices = {"model": model_choices, "vae": vae_choices}
         self._general_row()
         with gr.Row():
             self._add(self.first, ["original_prompt", "target_prompt", "negative_prompt"])
+        if below_prompts is not None:
+            below_prompts()
         with gr.Row():
             self._add(self.first, ["original_image", "target_image"])
         self._pass_layout(
