@@ -236,3 +236,18 @@ def test_lora_mode_on_cuda_replays_graphs_and_trains_like_eager(blocks, tmp_path
             losses[graphs] = run_training(RunContext(config, build_tiny("sd1", device="cuda"), dirs)).losses
     assert "CUDA graph captured" in caplog.text and "CUDA graph not used" not in caplog.text
     assert sum(losses[True][-10:]) == pytest.approx(sum(losses[False][-10:]), rel=0.05)
+
+
+def test_learning_rates_held_as_tensors_are_read_at_the_read_back(tmp_path, sample_images, monkeypatch) -> None:
+    """Under CUDA graphs the learning rates are device tensors: the loop keeps copies and reads them with the losses,
+    so the CSV and the progress events show plain numbers for the right steps."""
+    real = loop.current_lrs
+    monkeypatch.setattr(loop, "current_lrs", lambda optimizer: [torch.tensor(lr) for lr in real(optimizer)])
+    events = []
+    config = mode_config("LoRA", sample_images, ("", ""), train_iterations=4, logging_save_csv=True)
+    dirs = OutputDirs(tmp_path / "Lora", tmp_path / "logs", tmp_path / "jsons")
+    run_training(RunContext(config, build_tiny("sd1"), dirs, progress=events.append))
+    rows = (next((tmp_path / "logs").glob("*.csv"))).read_text().splitlines()[9:]
+    assert [row.split(",")[0] for row in rows] == ["1", "2", "3", "4"]
+    assert all(float(row.split(",")[2]) > 0 for row in rows)
+    assert [event.step for event in events] == [1, 2, 3, 4] and all(isinstance(e.lr, float) for e in events)

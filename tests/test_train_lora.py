@@ -70,6 +70,7 @@ def test_csv_log_written(trained) -> None:
     assert len(logs) == 1
     lines = logs[0].read_text().splitlines()
     assert lines[8].startswith("Step,Loss,Learning Rate") and len(lines) == 9 + 60
+    assert [int(line.split(",")[0]) for line in lines[9:]] == list(range(1, 61))  # steps counted from 1
 
 
 def test_same_seed_same_loss_curve(images, tmp_path) -> None:

@@ -100,7 +100,7 @@ def run_loop(
     if is_schedule_free(optimizer):  # schedule-free optimizers keep separate train / eval weights
         optimizer.train()
     result = LoopResult(steps=0)
-    pending: list[tuple[int, torch.Tensor, list[float]]] = []
+    pending: list[tuple[int, torch.Tensor, list[float | torch.Tensor]]] = []
     sync_every = readback_interval(device)
     started = time.monotonic()
     network.train()
@@ -111,10 +111,11 @@ def run_loop(
         if not pending:
             return
         values = torch.stack([loss for _, loss, _ in pending]).float().cpu().tolist()
-        for (step, _, lrs), value in zip(pending, values):
+        for (number, _, read_lrs), value in zip(pending, values):
+            lrs = [float(lr) for lr in read_lrs]  # device tensors under CUDA graphs: read now, after the sync above
             if not math.isfinite(value):
                 raise TrainTrainError(
-                    f"The loss became {value} at step {index}: training stopped and the last good save is kept. "
+                    f"The loss became {value} at step {number}: training stopped and the last good save is kept. "
                     f"Likely causes: a learning rate too high ({lrs[-1]:.3g}), or fp16 overflow (try bf16 or fp32 "
                     "model precision, or a lower network alpha)."
                 )
@@ -122,8 +123,8 @@ def run_loop(
             if plateau:  # reduce_on_plateau steps on the losses read back here: no extra device sync per step
                 scheduler.step(value)
             if csv_log is not None:
-                csv_log.add(index, value, lrs)
-        last_step, lrs = pending[-1][0], [float(lr) for lr in pending[-1][2]]
+                csv_log.add(number, value, lrs)
+        last_step = pending[-1][0]
         pending.clear()
         if csv_log is not None:
             csv_log.flush()
