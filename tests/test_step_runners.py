@@ -122,12 +122,12 @@ def test_a_failed_capture_leaves_those_steps_eager() -> None:
     torch.testing.assert_close(layer.weight, eager_layer.weight, rtol=1e-6, atol=1e-7)
 
 
-def test_only_fused_adam_on_cuda_with_tensor_learning_rates_may_be_captured() -> None:
+def test_only_fused_adam_on_a_gpu_steps_inside_the_graph() -> None:
     params = [torch.nn.Parameter(torch.zeros(3))]
     adamw = build_optimizer("AdamW", [{"params": params}], 1e-3, capturable=True)  # CPU: foreach, not capturable
-    assert "capturable" in graph_refusal(adamw, None)
-    lion = build_optimizer("SGDNesterov", [{"params": params}], 1e-3, capturable=True)
-    assert "AdamW or Adam" in graph_refusal(lion, None)
+    assert "cannot step inside a CUDA graph" in graph_refusal(adamw, None)
+    sgd = build_optimizer("SGDNesterov", [{"params": params}], 1e-3, capturable=True)
+    assert "only fused AdamW / Adam" in graph_refusal(sgd, None)
 
 
 def test_tensor_learning_rates_follow_the_schedule_and_read_back_later() -> None:

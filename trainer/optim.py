@@ -228,10 +228,10 @@ def uses_own_schedule(optimizer: Optimizer) -> bool:
 
 
 def graph_refusal(optimizer: Optimizer, scheduler: Scheduler | None) -> str:
-    """Why this optimizer / scheduler pair cannot run inside a CUDA graph; empty when it can."""
+    """Why this optimizer / scheduler pair cannot step inside a CUDA graph; empty when it can."""
     if not optimizer.defaults.get("capturable"):
         return (
-            f"{type(optimizer).__name__} has no capturable step here (CUDA graphs need AdamW or Adam, fused, "
+            f"{type(optimizer).__name__} cannot step inside a CUDA graph (only fused AdamW / Adam on a GPU can, "
             "without fused / foreach / capturable in 'train optimizer settings')"
         )
     if not all(isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups):
