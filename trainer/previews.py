@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from trainer.config import TrainConfig
+from trainer.data.images import to_image
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import ModelBundle
 
@@ -72,6 +73,4 @@ def draw(bundle: ModelBundle, request: PreviewRequest) -> Image.Image:
             eps = guided
             x0 = (latents - (1 - a).sqrt() * eps) / a.sqrt()
         latents = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-    pixels = bundle.decode_latents(latents)[0]
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    return to_image(bundle.decode_latents(latents)[0])

@@ -65,6 +65,12 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """The inverse of `to_pixels`: a (3,H,W) tensor in [-1,1] as an RGB image (clamped, rounded to 8 bits)."""
+    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
 def alpha_mask(image: Image.Image) -> torch.Tensor | None:
     """For an RGBA image, (1,H/8,W/8) float 0/1: alpha > 0.1, downsampled with nearest neighbour; else None."""
     if image.mode != "RGBA":

@@ -131,10 +131,9 @@ class DiffusersBundle:
             if cond.pooled is None:
                 raise ValueError("SDXL conditioning needs the pooled text embedding.")
             height, width = (size * self._vae_scale for size in noisy.shape[-2:])
-            rows = [[height, width, 0, 0, height, width]] * len(noisy)
             time_ids = self._constants.get(
                 ("time_ids", height, width, len(noisy), self.device, self.dtype),
-                lambda: host_values_on(self.device, rows, self.dtype),
+                lambda: host_values_on(self.device, [[height, width, 0, 0, height, width]] * len(noisy), self.dtype),
             )
             added = {"text_embeds": cond.pooled.to(self.device, self.dtype), "time_ids": time_ids}
         context = cond.context.to(self.device, self.dtype)

@@ -258,10 +258,10 @@ class LdmBundle:
         """The model's own size / crop embeddings for an uncropped image of the latents' pixel size (built once per
         size and batch: they are constants of the step)."""
         height, width = (side * self._pixels_per_latent for side in latents.shape[-2:])
-        values = {"original_size_as_tuple": (height, width), "crop_coords_top_left": (0, 0)}
-        values["target_size_as_tuple"] = (height, width)
 
         def build() -> torch.Tensor:
+            values = {"original_size_as_tuple": (height, width), "crop_coords_top_left": (0, 0)}
+            values["target_size_as_tuple"] = (height, width)
             parts = []
             for embedder in self.size_embedders:
                 rows = host_values_on(self.device, [values[embedder.input_key]] * len(latents), torch.float32)
