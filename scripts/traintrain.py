@@ -1,6 +1,6 @@
 """WebUI entry point: registers the TrainTrain tab and its setting.
 
-The WebUI runs this file with the extension folder on sys.path only while importing it, so the `trainer` package
+The WebUI runs this file with the extension folder on sys.path only while importing it, so the `traintrain` package
 is imported here at the top (its submodules load later through the cached package), and the extension folder is
 read now, before `scripts.basedir()` changes (webui.md §1.1). The UI and the training stack load when the tab is
 built; the WebUI adds `style.css` and `javascript/` to the page itself.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from modules import script_callbacks, scripts, shared
 
-from trainer.models import webui
+from traintrain.models import webui
 
 EXTENSION_DIR = Path(scripts.basedir())
 TAB_TITLE, TAB_ID = "TrainTrain", "traintrain"
@@ -21,9 +21,9 @@ SETTINGS_SECTION = ("traintrain", "TrainTrain")
 
 def on_ui_tabs() -> list[tuple]:
     """The TrainTrain tab: the shared UI over the WebUI's model, its checkpoint and VAE lists and its Lora folder."""
-    from trainer.jobs import shared_queue
-    from trainer.modes import OutputDirs
-    from trainer.ui.app import build_ui
+    from traintrain.jobs import shared_queue
+    from traintrain.modes import OutputDirs
+    from traintrain.ui.app import build_ui
 
     dirs = OutputDirs(lora=webui.lora_dir(), logs=EXTENSION_DIR / "logs", jsons=EXTENSION_DIR / "jsons")
     provider = webui.WebUIModelProvider()

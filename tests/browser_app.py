@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.ui.standalone import launch  # noqa: E402
+from traintrain.ui.standalone import launch  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

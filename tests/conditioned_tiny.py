@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from trainer.data.images import to_pixels
-from trainer.diffusion import NoiseSchedule
-from trainer.models.diffusers_backend import DiffusersBundle
-from trainer.models.tiny import build_tiny
+from traintrain.data.images import to_pixels
+from traintrain.diffusion import NoiseSchedule
+from traintrain.models.diffusers_backend import DiffusersBundle
+from traintrain.models.tiny import build_tiny
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

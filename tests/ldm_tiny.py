@@ -2,7 +2,7 @@
 
 The UNet is ldm's real `UNetModel`, loaded with the weights of the tiny diffusers model of the same kind (through
 `ldm_convert`), so the LDM adapter can be compared with the diffusers one. Around it sit small stand-ins shaped like
-the WebUI's objects (the shared ones from `trainer.bench.webui_layout`): ldm's `AutoencoderKL` (ldm's real Encoder /
+the WebUI's objects (the shared ones from `traintrain.bench.webui_layout`): ldm's `AutoencoderKL` (ldm's real Encoder /
 Decoder), `FrozenCLIPEmbedder` (a transformers CLIPTextModel), an open_clip text tower (open_clip needs torchvision, which cannot be installed here), the WebUI's
 prompt wrappers (`.wrapped`) and sgm's size embedders.
 """
@@ -20,17 +20,17 @@ from torch import nn
 ldm_openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
 from ldm.modules.diffusionmodules.util import timestep_embedding  # noqa: E402
 
-from trainer.bench.webui_layout import (  # noqa: E402
+from traintrain.bench.webui_layout import (  # noqa: E402
     AutoencoderKL,
     CustomWords,
     FrozenCLIPEmbedder,
     LatentDiffusion,
 )
-from trainer.models.diffusers_backend import Components  # noqa: E402
-from trainer.models.ldm_convert import text_encoder_state_dict_to_ldm, unet_state_dict_to_ldm  # noqa: E402
-from trainer.models.tiny import build_tiny_components  # noqa: E402
+from traintrain.models.diffusers_backend import Components  # noqa: E402
+from traintrain.models.ldm_convert import text_encoder_state_dict_to_ldm, unet_state_dict_to_ldm  # noqa: E402
+from traintrain.models.tiny import build_tiny_components  # noqa: E402
 
-# ldm UNetModel arguments equal to trainer.models.tiny's diffusers UNets (channels 32/64, one layer per level).
+# ldm UNetModel arguments equal to traintrain.models.tiny's diffusers UNets (channels 32/64, one layer per level).
 UNET_ARGS = {
     "sd1": dict(attention_resolutions=[1], num_heads=8, context_dim=32),
     "sd2": dict(attention_resolutions=[1], num_head_channels=8, context_dim=48, use_linear_in_transformer=True),

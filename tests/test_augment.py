@@ -3,8 +3,8 @@
 import pytest
 from PIL import Image, ImageChops
 
-from trainer.augment import AugmentSettings, augment_file, augment_folder, save_variants, variants
-from trainer.errors import TrainTrainError
+from traintrain.augment import AugmentSettings, augment_file, augment_folder, save_variants, variants
+from traintrain.errors import TrainTrainError
 
 
 def _square(size=(48, 32), mode="RGB"):
@@ -70,8 +70,8 @@ def test_disk_full_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch) ->
     import pytest
     from PIL import Image
 
-    from trainer.augment import AugmentSettings, save_variants
-    from trainer.errors import TrainTrainError
+    from traintrain.augment import AugmentSettings, save_variants
+    from traintrain.errors import TrainTrainError
 
     def full(self, fp, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -10,14 +10,14 @@ import torch
 from accelerate import init_empty_weights
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from trainer.bench import main, run_bench
-from trainer.bench.models import bench_bundle, materialise
-from trainer.bench.reference import plain_adapters, time_reference
-from trainer.bench.settings import BenchSettings
-from trainer.bench.timing import PeakMemory, StepClock, first_timed_step, time_mode
-from trainer.errors import TrainTrainError
-from trainer.models.tiny import build_tiny
-from trainer.progress import Progress
+from traintrain.bench import main, run_bench
+from traintrain.bench.models import bench_bundle, materialise
+from traintrain.bench.reference import plain_adapters, time_reference
+from traintrain.bench.settings import BenchSettings
+from traintrain.bench.timing import PeakMemory, StepClock, first_timed_step, time_mode
+from traintrain.errors import TrainTrainError
+from traintrain.models.tiny import build_tiny
+from traintrain.progress import Progress
 
 RATE = re.compile(r"^(mode|reference) \(.+\): ([0-9.]+) steps/s, ([0-9.]+) images/s, peak ([0-9.]+) GiB", re.M)
 RATIO = re.compile(r"^ratio: ([0-9.]+) \(mode / reference\)$", re.M)

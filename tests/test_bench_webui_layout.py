@@ -12,10 +12,10 @@ pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
 from ldm.modules import attention as ldm_attention  # noqa: E402
 from ldm.modules.diffusionmodules import openaimodel as ldm_openaimodel  # noqa: E402
 
-from trainer.bench import run_bench  # noqa: E402
-from trainer.bench.settings import BenchSettings  # noqa: E402
-from trainer.bench.webui_layout import timestep_embedding_on_device, webui_unet_patches  # noqa: E402
-from trainer.errors import TrainTrainError  # noqa: E402
+from traintrain.bench import run_bench  # noqa: E402
+from traintrain.bench.settings import BenchSettings  # noqa: E402
+from traintrain.bench.webui_layout import timestep_embedding_on_device, webui_unet_patches  # noqa: E402
+from traintrain.errors import TrainTrainError  # noqa: E402
 
 
 @pytest.mark.parametrize("dim", [320, 7])

@@ -18,20 +18,20 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
 
-from trainer.config import TrainConfig
-from trainer.config_fields import BLOCKS_SD
-from trainer.demo import demo_config, write_sample_images
-from trainer.errors import TrainTrainError
-from trainer.models.bundle import LoraTarget
-from trainer.models.checkpoint import shipped_config_dir
-from trainer.models.diffusers_backend import DiffusersBundle
-from trainer.models.ldm_convert import unet_ldm_to_diffusers_names
-from trainer.models.targets import collect_targets, unet_kohya_paths
-from trainer.models.tiny import build_tiny
-from trainer.modes import OutputDirs, RunContext, run_training
-from trainer.modes.common import LoraWriter, build_network, network_spec
-from trainer.networks.kohya_io import module_names, read_network_file
-from trainer.networks.network import NetworkSpec
+from traintrain.config import TrainConfig
+from traintrain.config_fields import BLOCKS_SD
+from traintrain.demo import demo_config, write_sample_images
+from traintrain.errors import TrainTrainError
+from traintrain.models.bundle import LoraTarget
+from traintrain.models.checkpoint import shipped_config_dir
+from traintrain.models.diffusers_backend import DiffusersBundle
+from traintrain.models.ldm_convert import unet_ldm_to_diffusers_names
+from traintrain.models.targets import collect_targets, unet_kohya_paths
+from traintrain.models.tiny import build_tiny
+from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.modes.common import LoraWriter, build_network, network_spec
+from traintrain.networks.kohya_io import module_names, read_network_file
+from traintrain.networks.network import NetworkSpec
 
 TYPES = ("lierla", "c3lier", "loha")
 ELEMENT_ATTENTION = {"CrossAttention": True, "SelfAttention": False}  # element -> Attention.is_cross_attention

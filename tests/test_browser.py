@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.demo import write_sample_images
+from traintrain.demo import write_sample_images
 
 CHROMIUM = os.environ.get("TRAINTRAIN_CHROMIUM", "/usr/bin/chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the browser test")

@@ -14,10 +14,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from trainer.errors import TrainTrainError
-from trainer.models.checkpoint import components_from_ldm, detect_kind, load_checkpoint, shipped_config_dir
-from trainer.models.diffusers_backend import Components, ddpm_alphas_cumprod
-from trainer.models.ldm_convert import (
+from traintrain.errors import TrainTrainError
+from traintrain.models.checkpoint import components_from_ldm, detect_kind, load_checkpoint, shipped_config_dir
+from traintrain.models.diffusers_backend import Components, ddpm_alphas_cumprod
+from traintrain.models.ldm_convert import (
     TEXT_ENCODER_SLOTS,
     ldm_state_dict,
     save_single_file,
@@ -26,7 +26,7 @@ from trainer.models.ldm_convert import (
     unet_state_dict_to_ldm,
     vae_state_dict_to_ldm,
 )
-from trainer.models.tiny import build_tiny_components, save_tiny_pipeline
+from traintrain.models.tiny import build_tiny_components, save_tiny_pipeline
 
 KINDS = ("sd1", "sd2", "sdxl")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.__main__ import main
-from trainer.demo import demo_config, write_sample_images
+from traintrain.__main__ import main
+from traintrain.demo import demo_config, write_sample_images
 
 
 def test_demo_writes_the_lora_and_prints_losses(tmp_path, capsys) -> None:

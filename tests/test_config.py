@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.config import FIELD_BY_NAME, FIELDS, PASS_FIELDS, TrainConfig, sanitize_name
-from trainer.config_fields import (
+from traintrain.config import FIELD_BY_NAME, FIELDS, PASS_FIELDS, TrainConfig, sanitize_name
+from traintrain.config_fields import (
     ALPHA_CHOICES,
     BLOCKS_SD,
     BLOCKS_SDXL,
@@ -33,7 +33,7 @@ from trainer.config_fields import (
     parse_step_rules,
     settings_text,
 )
-from trainer.errors import TrainTrainError
+from traintrain.errors import TrainTrainError
 
 # §3.2 of the reference, key:widget (DD dropdown, TX textbox, CH checkbox, CB checkbox group), in on-screen order.
 ORIGINAL_KEYS = """

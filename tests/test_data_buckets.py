@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.data import DataOptions, make_buckets, nearest_buckets, parse_image_size
-from trainer.errors import TrainTrainError
+from traintrain.data import DataOptions, make_buckets, nearest_buckets, parse_image_size
+from traintrain.errors import TrainTrainError
 
 DESIGN_MAIN = [(384, 768), (512, 768), (512, 640), (512, 512), (640, 512), (768, 512), (768, 384)]
 DESIGN_SUB = [

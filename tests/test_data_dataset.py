@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data import DataOptions, load_image_dataset
-from trainer.data.images import BACKGROUND
-from trainer.errors import TrainTrainError
+from traintrain.data import DataOptions, load_image_dataset
+from traintrain.data.images import BACKGROUND
+from traintrain.errors import TrainTrainError
 
 SQUARE_64 = DataOptions(image_size=64, buckets_step=64, min_length=64)
 RED, BLUE = (255, 0, 0), (0, 0, 255)

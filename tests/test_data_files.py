@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.data import discover_images, image_prompt, join_prompt, tag_frequency
-from trainer.data.captions import filename_tags
-from trainer.errors import TrainTrainError
+from traintrain.data import discover_images, image_prompt, join_prompt, tag_frequency
+from traintrain.data.captions import filename_tags
+from traintrain.errors import TrainTrainError
 
 
 def _touch_image(path: Path) -> Path:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.data import DataOptions, LatentDataset, load_image_dataset
-from trainer.data.sampler import BucketSampler
+from traintrain.data import DataOptions, LatentDataset, load_image_dataset
+from traintrain.data.sampler import BucketSampler
 
 PROJECTION = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.5]])
 OPTIONS = DataOptions(image_size=(96, 64), buckets_step=32, min_length=64)  # buckets 64x96, 64x64, 96x64

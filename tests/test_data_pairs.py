@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.data import DataOptions, PairedLatentDataset, load_pair_dataset, match_pairs
-from trainer.errors import TrainTrainError
+from traintrain.data import DataOptions, PairedLatentDataset, load_pair_dataset, match_pairs
+from traintrain.errors import TrainTrainError
 
 SUFFIX = "_closed_eyes"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.diffusion import NoiseSchedule, per_sample_loss, weighted_loss
-from trainer.errors import TrainTrainError
+from traintrain.diffusion import NoiseSchedule, per_sample_loss, weighted_loss
+from traintrain.errors import TrainTrainError
 
 BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
 ALPHAS = torch.cumprod(1 - BETAS, 0)

@@ -7,10 +7,10 @@ import threading
 import pytest
 import torch
 
-from trainer.demo import demo_config, write_sample_images
-from trainer.errors import TrainTrainError
-from trainer.jobs import OOM_MESSAGE, JobQueue, OpenModelProvider
-from trainer.modes import OutputDirs
+from traintrain.demo import demo_config, write_sample_images
+from traintrain.errors import TrainTrainError
+from traintrain.jobs import OOM_MESSAGE, JobQueue, OpenModelProvider
+from traintrain.modes import OutputDirs
 
 WAIT = 120
 

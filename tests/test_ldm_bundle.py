@@ -26,15 +26,15 @@ from ldm_tiny import (
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from trainer.demo import demo_config, write_sample_images
-from trainer.models.bundle import BASE_MODEL_VERSION
-from trainer.models.diffusers_backend import DiffusersBundle, ddpm_alphas_cumprod
-from trainer.models.ldm_bundle import LdmBundle
-from trainer.models.openclip_text import ProjectionView, SplitAttention
-from trainer.models.tokenizer import tiny_clip_tokenizer
-from trainer.modes import OutputDirs, RunContext, run_training
-from trainer.networks.kohya_io import module_names, network_from_file, read_network_file
-from trainer.networks.network import Network, NetworkSpec
+from traintrain.demo import demo_config, write_sample_images
+from traintrain.models.bundle import BASE_MODEL_VERSION
+from traintrain.models.diffusers_backend import DiffusersBundle, ddpm_alphas_cumprod
+from traintrain.models.ldm_bundle import LdmBundle
+from traintrain.models.openclip_text import ProjectionView, SplitAttention
+from traintrain.models.tokenizer import tiny_clip_tokenizer
+from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.networks.kohya_io import module_names, network_from_file, read_network_file
+from traintrain.networks.network import Network, NetworkSpec
 
 PROMPTS = ["a red circle on a white background", "demo style, a blue square"]
 

@@ -5,12 +5,12 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from torch import nn
 
-from trainer.errors import TrainTrainError
-from trainer.models import tokenizer as tokenizer_module
-from trainer.models.bundle import ModelBundle
-from trainer.models.diffusers_backend import ddpm_alphas_cumprod
-from trainer.models.tiny import build_tiny, build_tiny_components, save_tiny_pipeline
-from trainer.models.tokenizer import clip_bpe_tokenizer, tiny_clip_tokenizer
+from traintrain.errors import TrainTrainError
+from traintrain.models import tokenizer as tokenizer_module
+from traintrain.models.bundle import ModelBundle
+from traintrain.models.diffusers_backend import ddpm_alphas_cumprod
+from traintrain.models.tiny import build_tiny, build_tiny_components, save_tiny_pipeline
+from traintrain.models.tokenizer import clip_bpe_tokenizer, tiny_clip_tokenizer
 
 KINDS = ("sd1", "sd2", "sdxl")
 WIDTH = {"sd1": 32, "sd2": 48, "sdxl": 80}

@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from conditioned_tiny import BIG, COLORS, SHAPES, SMALL, draw, pretrained_tiny, prompt_of
-from trainer.config import TrainConfig
-from trainer.diffusion import NoiseSchedule
-from trainer.errors import TrainTrainError
-from trainer.models.diffusers_backend import DiffusersBundle
-from trainer.models.tiny import build_tiny
-from trainer.modes import OutputDirs, RunContext, run_training
-from trainer.modes.addift import ladder_timestep
-from trainer.modes.images import encode_image_pair
-from trainer.networks.kohya_io import network_from_file
+from traintrain.config import TrainConfig
+from traintrain.diffusion import NoiseSchedule
+from traintrain.errors import TrainTrainError
+from traintrain.models.diffusers_backend import DiffusersBundle
+from traintrain.models.tiny import build_tiny
+from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.modes.addift import ladder_timestep
+from traintrain.modes.images import encode_image_pair
+from traintrain.networks.kohya_io import network_from_file
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def test_multi_addift_without_pairs_is_a_clear_error(pair_folder, tmp_path) -> N
 
 @pytest.mark.parametrize("use_mask", [True, False])
 def test_addift_mask_from_the_originals_alpha_limits_the_loss(pair, tmp_path, monkeypatch, use_mask) -> None:
-    import trainer.modes.addift as addift
+    import traintrain.modes.addift as addift
 
     rgba = Image.open(pair[0]).convert("RGBA")
     alpha = Image.new("L", rgba.size, 0)

@@ -19,15 +19,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import trainer.loop
-import trainer.modes.lora
-from trainer.demo import demo_config, write_sample_images
-from trainer.models.diffusers_backend import Components, DiffusersBundle
-from trainer.models.ldm_convert import unet_ldm_to_diffusers_names
-from trainer.models.tiny import build_tiny, build_tiny_components
-from trainer.modes import OutputDirs, RunContext, TrainResult, run_training
-from trainer.networks.kohya_io import module_names, read_network_file, save_network
-from trainer.networks.network import Network, NetworkSpec
+import traintrain.loop
+import traintrain.modes.lora
+from traintrain.demo import demo_config, write_sample_images
+from traintrain.models.diffusers_backend import Components, DiffusersBundle
+from traintrain.models.ldm_convert import unet_ldm_to_diffusers_names
+from traintrain.models.tiny import build_tiny, build_tiny_components
+from traintrain.modes import OutputDirs, RunContext, TrainResult, run_training
+from traintrain.networks.kohya_io import module_names, read_network_file, save_network
+from traintrain.networks.network import Network, NetworkSpec
 
 KINDS = ("sd1", "sdxl")
 TYPES = ("lierla", "c3lier", "loha")
@@ -89,7 +89,7 @@ def captured(module: object, name: str) -> Iterator[list]:
 def train(tmp: Path, config, kind: str) -> tuple[DiffusersBundle, Network, TrainResult]:
     """A real LoRA-mode run on a fresh tiny model; returns the model, the trained network object and the result."""
     bundle = build_tiny(kind)
-    with captured(trainer.modes.lora, "build_network") as networks:
+    with captured(traintrain.modes.lora, "build_network") as networks:
         result = run_training(RunContext(config, bundle, dirs_in(tmp)))
     assert len(networks) == 1
     return bundle, networks[0], result
@@ -396,7 +396,7 @@ def test_text_encoder_learning_rate_is_its_own_group(images, tmp_path, te_lr: fl
     config = dataclasses.replace(
         demo_config(images, iterations=3), train_learning_rate=1e-2, train_textencoder_learning_rate=te_lr
     )
-    with captured(trainer.loop, "build_optimizer") as optimizers:
+    with captured(traintrain.loop, "build_optimizer") as optimizers:
         _, network, result = train(tmp_path, config, "sd1")
     groups = optimizers[0].param_groups
     assert [g["name"] for g in groups] == ["text_encoder", "unet"]
@@ -413,7 +413,7 @@ def test_text_encoder_learning_rate_is_its_own_group(images, tmp_path, te_lr: fl
 def test_without_base_there_is_one_unet_group(images, tmp_path) -> None:
     blocks = [b for b in demo_config(images).network_blocks if b != "BASE"]
     config = dataclasses.replace(demo_config(images, iterations=2), network_blocks=blocks)
-    with captured(trainer.loop, "build_optimizer") as optimizers:
+    with captured(traintrain.loop, "build_optimizer") as optimizers:
         _, network, _ = train(tmp_path, config, "sd1")
     assert [g["name"] for g in optimizers[0].param_groups] == ["unet"] and not network.text_encoder_names
     (log,) = (tmp_path / "logs").glob("demo-*.csv")

@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.errors import TrainTrainError
-from trainer.models.bundle import LoraTarget
-from trainer.networks.kohya_io import (
+from traintrain.errors import TrainTrainError
+from traintrain.models.bundle import LoraTarget
+from traintrain.networks.kohya_io import (
     network_from_file,
     network_tensors,
     read_network_file,
     save_network,
 )
-from trainer.networks.network import Network, NetworkSpec
+from traintrain.networks.network import Network, NetworkSpec
 
 
 class Toy(nn.Module):
@@ -155,7 +155,7 @@ def test_pickled_and_missing_files_refused(tmp_path) -> None:
 
 
 def test_adapter_weight_dtype_follows_casts() -> None:
-    from trainer.networks.modules import LoRAModule
+    from traintrain.networks.modules import LoRAModule
 
     adapter = LoRAModule(nn.Linear(8, 8), 4, 4)
     assert adapter.weight_dtype == torch.float32

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from trainer import optim
-from trainer.config_fields import LR_SCHEDULERS, OPTIMIZERS
-from trainer.errors import TrainTrainError
-from trainer.optim import (
+from traintrain import optim
+from traintrain.config_fields import LR_SCHEDULERS, OPTIMIZERS
+from traintrain.errors import TrainTrainError
+from traintrain.optim import (
     build_optimizer,
     build_scheduler,
     check_optimizer,
@@ -145,7 +145,7 @@ def test_schedule_free_optimizers_get_no_scheduler_and_report_the_scheduled_lr()
 def test_adaptive_optimizers_warn_on_small_lr_and_use_one_lr(caplog):
     _, _, body, head = _toy()
     groups = [{"params": body.parameters(), "lr": 1e-4}, {"params": head.parameters(), "lr": 5e-5}]
-    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+    with caplog.at_level(logging.WARNING, logger="traintrain.optim"):
         optimizer = build_optimizer("Prodigy", groups, 1e-4, {})
     assert "use about 1.0" in caplog.text and "text encoder learning rate is ignored" in caplog.text
     assert [group["lr"] for group in optimizer.param_groups] == [1e-4, 1e-4]

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from trainer.csvlog import CsvLog
-from trainer.errors import TrainTrainError
-from trainer.plot import find_log, plot_named, read_log
+from traintrain.csvlog import CsvLog
+from traintrain.errors import TrainTrainError
+from traintrain.plot import find_log, plot_named, read_log
 
 
 def _write_log(folder, stem, rows, lr_columns=2):
@@ -68,7 +68,7 @@ def test_missing_logs_say_what_to_do(tmp_path):
 def test_plot_refuses_wildcards(tmp_path) -> None:
     import pytest
 
-    from trainer.errors import TrainTrainError
+    from traintrain.errors import TrainTrainError
 
     (tmp_path / "a.csv").write_text("Step,Loss\n1,0.5\n")
     with pytest.raises(TrainTrainError, match="plain file name"):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import TrainConfig
-from trainer.modes import advice
+from traintrain.config import TrainConfig
+from traintrain.modes import advice
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from trainer.config import TrainConfig
-from trainer.data.images import to_pixels
-from trainer.errors import TrainTrainError
-from trainer.jobs import JobQueue, OpenModelProvider
-from trainer.models.tiny import build_tiny
-from trainer.modes import OutputDirs
-from trainer.previews import PREVIEW_BUSY, PreviewRequest, draw, preview_requests
-from trainer.ui import TrainTrainUI
+from traintrain.config import TrainConfig
+from traintrain.data.images import to_pixels
+from traintrain.errors import TrainTrainError
+from traintrain.jobs import JobQueue, OpenModelProvider
+from traintrain.models.tiny import build_tiny
+from traintrain.modes import OutputDirs
+from traintrain.previews import PREVIEW_BUSY, PreviewRequest, draw, preview_requests
+from traintrain.ui import TrainTrainUI
 
 ILECO = dict(
     mode="iLECO", original_prompt="a red circle", target_prompt="", negative_prompt="blurry", image_size=(64, 128)

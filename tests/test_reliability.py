@@ -12,13 +12,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import trainer.networks.kohya_io as kohya_io
-from trainer.config import FIELDS, TrainConfig
-from trainer.demo import demo_config, write_sample_images
-from trainer.errors import TrainTrainError
-from trainer.models.tiny import build_tiny
-from trainer.modes import OutputDirs, RunContext, run_training
-from trainer.progress import StopFlag
+import traintrain.networks.kohya_io as kohya_io
+from traintrain.config import FIELDS, TrainConfig
+from traintrain.demo import demo_config, write_sample_images
+from traintrain.errors import TrainTrainError
+from traintrain.models.tiny import build_tiny
+from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.progress import StopFlag
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_nan_stops_with_a_message_and_keeps_the_last_good_save(images, tmp_path)
 
 
 def test_out_of_memory_is_a_clear_message(images, tmp_path, monkeypatch) -> None:
-    import trainer.modes.lora as lora_mode
+    import traintrain.modes.lora as lora_mode
 
     calls = {"n": 0}
     real = lora_mode.Objective.loss
@@ -182,7 +182,7 @@ def test_intermediate_saves_never_replace_files_of_an_earlier_run(images, tmp_pa
 
 
 def test_schedule_free_periodic_saves_hold_the_evaluation_weights(images, tmp_path, monkeypatch) -> None:
-    import trainer.loop as loop
+    import traintrain.loop as loop
 
     optimizers = []
     real = loop.build_optimizer
@@ -194,7 +194,7 @@ def test_schedule_free_periodic_saves_hold_the_evaluation_weights(images, tmp_pa
 
     monkeypatch.setattr(loop, "build_optimizer", recording)
     seen = []
-    import trainer.modes.common as common
+    import traintrain.modes.common as common
 
     real_save = common.save_network
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import loop
-from trainer.config import TrainConfig
-from trainer.config_fields import BLOCKS_SD
-from trainer.cuda_graphs import CapturedSteps
-from trainer.models.targets import TEXT_BLOCK
-from trainer.models.tiny import build_tiny
-from trainer.modes import OutputDirs, RunContext, run_training
-from trainer.optim import build_optimizer, build_scheduler, current_lrs, graph_refusal
-from trainer.step import EagerSteps, OptimizerStep, StepInputs
+from traintrain import loop
+from traintrain.config import TrainConfig
+from traintrain.config_fields import BLOCKS_SD
+from traintrain.cuda_graphs import CapturedSteps
+from traintrain.models.targets import TEXT_BLOCK
+from traintrain.models.tiny import build_tiny
+from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.optim import build_optimizer, build_scheduler, current_lrs, graph_refusal
+from traintrain.step import EagerSteps, OptimizerStep, StepInputs
 
 
 class RecordedGraph:
@@ -106,7 +106,7 @@ def test_graph_replays_train_exactly_like_eager_steps(optimizer: str, whole_step
 
 def test_a_replay_that_disagrees_with_the_eager_step_is_not_used(caplog) -> None:
     eager_layer, eager_losses, _ = train(EagerSteps)
-    with caplog.at_level(logging.WARNING, logger="trainer.cuda_graphs"):
+    with caplog.at_level(logging.WARNING, logger="traintrain.cuda_graphs"):
         layer, losses, runner = train(lambda step: CapturedSteps(step, StandInBackend(drift=0.5), whole_step=True))
     assert runner.captured == 0 and len(runner.refusals) == 4
     assert "differs from the eager step" in caplog.text
@@ -168,7 +168,7 @@ def test_compiled_steps_train_like_eager_ones(tmp_path: Path, monkeypatch, sampl
 
 @pytest.fixture(scope="module")
 def sample_images(tmp_path_factory) -> Path:
-    from trainer.demo import write_sample_images
+    from traintrain.demo import write_sample_images
 
     return write_sample_images(tmp_path_factory.mktemp("images") / "images", size=64)
 
@@ -204,16 +204,16 @@ def test_every_mode_runs_through_graph_replays_like_eager(
     dirs = OutputDirs(tmp_path / "Lora", tmp_path / "logs", tmp_path / "jsons")
     eager_config = mode_config(mode, sample_images, pair, network_blocks=blocks, use_cuda_graph=False)
     eager = run_training(RunContext(eager_config, build_tiny("sd1"), dirs))
-    monkeypatch.setattr("trainer.loop.CudaGraphBackend", StandInBackend)
+    monkeypatch.setattr("traintrain.loop.CudaGraphBackend", StandInBackend)
     refusal = "" if whole_step else "the optimizer is not capturable here"
-    monkeypatch.setattr("trainer.loop.graph_refusal", lambda optimizer, scheduler: refusal)
+    monkeypatch.setattr("traintrain.loop.graph_refusal", lambda optimizer, scheduler: refusal)
     real_runner = loop._step_runner
     monkeypatch.setattr(
         loop, "_step_runner", lambda settings, step, optimizer, scheduler, device, graphs: real_runner(
             settings, step, optimizer, scheduler, device, True
         )
     )
-    with caplog.at_level(logging.INFO, logger="trainer.cuda_graphs"):
+    with caplog.at_level(logging.INFO, logger="traintrain.cuda_graphs"):
         config = mode_config(mode, sample_images, pair, network_blocks=blocks)
         graphed = run_training(RunContext(config, build_tiny("sd1"), dirs))
     assert "CUDA graph captured" in caplog.text and "not used" not in caplog.text
@@ -232,7 +232,7 @@ def test_lora_mode_on_cuda_replays_graphs_and_trains_like_eager(blocks, tmp_path
             network_blocks=blocks, use_cuda_graph=graphs, save_lora_name=f"graphs_{graphs}",
         )
         dirs = OutputDirs(tmp_path / "Lora", tmp_path / "logs", tmp_path / "jsons")
-        with caplog.at_level(logging.INFO, logger="trainer.cuda_graphs"):
+        with caplog.at_level(logging.INFO, logger="traintrain.cuda_graphs"):
             losses[graphs] = run_training(RunContext(config, build_tiny("sd1", device="cuda"), dirs)).losses
     assert "CUDA graph captured" in caplog.text and "CUDA graph not used" not in caplog.text
     assert sum(losses[True][-10:]) == pytest.approx(sum(losses[False][-10:]), rel=0.05)

@@ -9,8 +9,8 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from trainer.models.bundle import ROLE_CROSS_ATTN, ROLE_RESNET, ROLE_SELF_ATTN, ROLE_TEXT, ROLE_TRANSFORMER
-from trainer.models.targets import collect_targets, unet_block_of, unet_kohya_paths
+from traintrain.models.bundle import ROLE_CROSS_ATTN, ROLE_RESNET, ROLE_SELF_ATTN, ROLE_TEXT, ROLE_TRANSFORMER
+from traintrain.models.targets import collect_targets, unet_block_of, unet_kohya_paths
 
 LIERLA_ROLES = {ROLE_SELF_ATTN, ROLE_CROSS_ATTN, ROLE_TRANSFORMER}
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer.demo import demo_config, write_sample_images
-from trainer.errors import TrainTrainError
-from trainer.models.tiny import build_tiny
-from trainer.modes import OutputDirs, RunContext, run_training
+from traintrain.demo import demo_config, write_sample_images
+from traintrain.errors import TrainTrainError
+from traintrain.models.tiny import build_tiny
+from traintrain.modes import OutputDirs, RunContext, run_training
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -85,7 +85,7 @@ def test_same_seed_same_loss_curve(images, tmp_path) -> None:
 def test_diffusers_pipeline_loads_the_lora_and_changes_output(trained) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from trainer.models.tiny import build_tiny_components
+    from traintrain.models.tiny import build_tiny_components
 
     _, _, result = trained
     c = build_tiny_components("sd1")

@@ -4,15 +4,15 @@ import gradio as gr
 import pytest
 from PIL import Image, ImageChops
 
-from trainer.config import TrainConfig
-from trainer.demo import demo_config, write_sample_images
-from trainer.errors import TrainTrainError
-from trainer.jobs import JobQueue, OpenModelProvider, QueueStatus, shared_queue
-from trainer.modes import OutputDirs
-from trainer.progress import Progress
-from trainer.ui import TrainTrainUI, build_ui
-from trainer.ui.handlers import shows_errors
-from trainer.ui.status import render_status
+from traintrain.config import TrainConfig
+from traintrain.demo import demo_config, write_sample_images
+from traintrain.errors import TrainTrainError
+from traintrain.jobs import JobQueue, OpenModelProvider, QueueStatus, shared_queue
+from traintrain.modes import OutputDirs
+from traintrain.progress import Progress
+from traintrain.ui import TrainTrainUI, build_ui
+from traintrain.ui.handlers import shows_errors
+from traintrain.ui.status import render_status
 
 WAIT = 120
 

@@ -19,13 +19,13 @@ from ldm_tiny import build_ldm_model
 from PIL import Image
 from torch import nn
 
-from trainer.config import TrainConfig
-from trainer.demo import demo_config, write_sample_images
-from trainer.errors import TrainTrainError
-from trainer.models import webui
-from trainer.modes import OutputDirs, RunContext, run_training
-from trainer.previews import preview_requests
-from trainer.progress import StopFlag
+from traintrain.config import TrainConfig
+from traintrain.demo import demo_config, write_sample_images
+from traintrain.errors import TrainTrainError
+from traintrain.models import webui
+from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.previews import preview_requests
+from traintrain.progress import StopFlag
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTS = SimpleNamespace(
@@ -288,9 +288,9 @@ def test_entry_script_registers_the_tab_and_setting(fake, monkeypatch) -> None:
     )
     fake.modules.shared.opts.add_option = options.__setitem__
     built = {}
-    app = types.ModuleType("trainer.ui.app")
+    app = types.ModuleType("traintrain.ui.app")
     app.build_ui = lambda *args, **kwargs: built.update(args=args, kwargs=kwargs) or "blocks"
-    monkeypatch.setitem(sys.modules, "trainer.ui.app", app)
+    monkeypatch.setitem(sys.modules, "traintrain.ui.app", app)
     spec = importlib.util.spec_from_file_location("traintrain", ROOT / "scripts" / "traintrain.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

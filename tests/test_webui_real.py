@@ -37,12 +37,12 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from trainer.config import FIELD_BY_NAME  # noqa: E402
-from trainer.config_fields import IMAGE  # noqa: E402
-from trainer.demo import demo_config, write_sample_images  # noqa: E402
-from trainer.models.ldm_convert import save_single_file  # noqa: E402
-from trainer.models.tiny import VAE_CONFIG, SCALING_FACTOR, like_a_trained_vae, build_tiny_components  # noqa: E402
-from trainer.models.tokenizer import END, START, cache_dir, tiny_clip_tokenizer  # noqa: E402
+from traintrain.config import FIELD_BY_NAME  # noqa: E402
+from traintrain.config_fields import IMAGE  # noqa: E402
+from traintrain.demo import demo_config, write_sample_images  # noqa: E402
+from traintrain.models.ldm_convert import save_single_file  # noqa: E402
+from traintrain.models.tiny import VAE_CONFIG, SCALING_FACTOR, like_a_trained_vae, build_tiny_components  # noqa: E402
+from traintrain.models.tokenizer import END, START, cache_dir, tiny_clip_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_NAME = "webui_check"

@@ -1,7 +1,0 @@
-"""`python -m trainer.bench …`."""
-
-import sys
-
-from trainer.bench import main
-
-sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m traintrain.bench …`."""
+
+import sys
+
+from traintrain.bench import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""Pillow work on one image: safe loading, cover-resize and centre crop, pixels in [-1,1], alpha mask at latent size.
+
+Transparent pixels are composited over mid grey (127,127,127), which is about 0 in [-1,1]: neutral for the VAE. The
+loss ignores them anyway through the alpha mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from traintrain.data.buckets import VAE_FACTOR, Bucket
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = (127, 127, 127)
+ALPHA_THRESHOLD = 0.1  # a latent pixel is trained where the image's alpha is above this
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def load_image(path: Path) -> Image.Image | None:
+    """The image upright (EXIF orientation) as RGB, or RGBA when it has transparency; None (and a warning) if corrupt."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            return image.convert("RGBA" if _has_alpha(image) else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        log.warning("Skipping %s: it is not a readable image (%s).", path, error)
+        return None
+
+
+def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resized to (width, height): LANCZOS when shrinking, BICUBIC when enlarging."""
+    if image.size == tuple(size):
+        return image
+    shrinking = size[0] * size[1] <= image.width * image.height
+    return image.resize(size, Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC)
+
+
+def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
+    """Resized to just cover the bucket (aspect kept), then centre-cropped to exactly (width, height)."""
+    width, height = bucket
+    scale = max(width / image.width, height / image.height)
+    covered = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = resize(image, covered)
+    left, top = (covered[0] - width) // 2, (covered[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB float tensor (3,H,W) in [-1,1]; an RGBA image is composited over the grey background first."""
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
+        image = Image.alpha_composite(background, image)
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """The inverse of `to_pixels`: a (3,H,W) tensor in [-1,1] as an RGB image (clamped, rounded to 8 bits)."""
+    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def alpha_mask(image: Image.Image) -> torch.Tensor | None:
+    """For an RGBA image, (1,H/8,W/8) float 0/1: alpha > 0.1, downsampled with nearest neighbour; else None."""
+    if image.mode != "RGBA":
+        return None
+    alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+    opaque = torch.from_numpy(alpha > ALPHA_THRESHOLD).float()[None, None]
+    size = (image.height // VAE_FACTOR, image.width // VAE_FACTOR)
+    return F.interpolate(opaque, size=size, mode="nearest")[0]

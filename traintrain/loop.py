@@ -1,0 +1,200 @@
+"""The one training loop: optimizer and scheduler, how steps run (eager, compiled, CUDA graphs), periodic save,
+CSV log, progress, stop flag, NaN guard."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from traintrain.csvlog import CsvLog
+from traintrain.cuda_graphs import CapturedSteps, CudaGraphBackend
+from traintrain.errors import TrainTrainError
+from traintrain.networks.network import Network
+from traintrain.optim import (
+    Scheduler,
+    build_optimizer,
+    build_scheduler,
+    current_lrs,
+    graph_refusal,
+    is_schedule_free,
+    needs_metric,
+)
+from traintrain.progress import Progress, ProgressCallback, StopFlag
+from traintrain.step import EagerSteps, OptimizerStep, StepInputs, TrainingStep
+
+log = logging.getLogger(__name__)
+
+StepRunner = Callable[[StepInputs], torch.Tensor]  # one optimizer step on the inputs -> detached loss
+GPU_READBACK_EVERY = 10  # steps between loss read-backs on a GPU (each read-back waits for the device)
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs from the training settings of one pass."""
+
+    iterations: int
+    learning_rate: float
+    text_encoder_lr: float
+    optimizer: str
+    optimizer_settings: dict
+    scheduler: str
+    scheduler_settings: dict
+    warmup_steps: int = 0
+    num_cycles: int = 1
+    power: float = 1.0
+    step_rules: str = ""
+    save_every: int = 0
+    autocast_dtype: torch.dtype | None = None  # fp16 / bf16 on CUDA; None = no autocast
+    cuda_graph: bool = True  # capture each step signature as a CUDA graph where safe (CUDA only)
+    compile: bool = False  # torch.compile the loss computation
+
+
+@dataclass
+class LoopResult:
+    """What happened: steps done, the loss of every step, and why it ended."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    stopped: bool = False
+
+
+Saver = Callable[[str, int], Path]  # (file-name suffix, steps done) -> saved path
+
+
+def run_loop(
+    settings: LoopSettings,
+    network: Network,
+    step: TrainingStep,
+    *,
+    save: Saver,
+    csv_log: CsvLog | None = None,
+    progress: ProgressCallback | None = None,
+    stop: StopFlag | None = None,
+    phase: str = "",
+) -> LoopResult:
+    """Train `network` for `settings.iterations` steps of `step`; periodic saves go through `save`."""
+    device = next(network.parameters()).device
+    graphs = settings.cuda_graph and device.type == "cuda"
+    params = network.param_groups(settings.learning_rate, settings.text_encoder_lr or None)
+    optimizer = build_optimizer(
+        settings.optimizer, params, settings.learning_rate, settings.optimizer_settings, capturable=graphs
+    )
+    scheduler = build_scheduler(
+        settings.scheduler,
+        optimizer,
+        iterations=settings.iterations,
+        warmup_steps=settings.warmup_steps,
+        num_cycles=settings.num_cycles,
+        power=settings.power,
+        step_rules=settings.step_rules,
+        settings=settings.scheduler_settings,
+    )
+    run_step = _step_runner(settings, step, optimizer, scheduler, device, graphs)
+    if is_schedule_free(optimizer):  # schedule-free optimizers keep separate train / eval weights
+        optimizer.train()
+    result = LoopResult(steps=0)
+    pending: list[tuple[int, torch.Tensor, list[float | torch.Tensor]]] = []
+    sync_every = readback_interval(device)
+    started = time.monotonic()
+    network.train()
+
+    plateau = needs_metric(scheduler)
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack([loss for _, loss, _ in pending]).float().cpu().tolist()
+        for (number, _, read_lrs), value in zip(pending, values):
+            lrs = [float(lr) for lr in read_lrs]  # device tensors under CUDA graphs: read now, after the sync above
+            if not math.isfinite(value):
+                raise TrainTrainError(
+                    f"The loss became {value} at step {number}: training stopped and the last good save is kept. "
+                    f"Likely causes: a learning rate too high ({lrs[-1]:.3g}), or fp16 overflow (try bf16 or fp32 "
+                    "model precision, or a lower network alpha)."
+                )
+            result.losses.append(value)
+            if plateau:  # reduce_on_plateau steps on the losses read back here: no extra device sync per step
+                scheduler.step(value)
+            if csv_log is not None:
+                csv_log.add(number, value, lrs)
+        last_step = pending[-1][0]
+        pending.clear()
+        if csv_log is not None:
+            csv_log.flush()
+        if progress is not None:
+            elapsed = time.monotonic() - started
+            eta = elapsed / last_step * (settings.iterations - last_step)
+            progress(Progress(last_step, settings.iterations, result.losses[-1], lrs[-1], elapsed, eta, phase))
+
+    for index in range(settings.iterations):
+        if stop is not None and stop.requested:
+            result.stopped = True
+            break
+        done = index + 1
+        try:
+            inputs = step.inputs(index)
+            lrs = current_lrs(optimizer)
+            loss = run_step(inputs)
+        except torch.cuda.OutOfMemoryError as error:
+            raise TrainTrainError(
+                f"Out of GPU memory at step {done}: turn on gradient checkpointing, or lower the batch size, image "
+                "size or network rank."
+            ) from error
+        if scheduler is not None and not plateau:
+            scheduler.step()
+        result.steps = done
+        pending.append((done, loss, lrs))
+        periodic = settings.save_every > 0 and done % settings.save_every == 0 and done < settings.iterations
+        if len(pending) >= sync_every or periodic or done == settings.iterations:
+            flush()
+        if periodic:
+            with _evaluation_weights(optimizer):
+                save(f"_{done}steps", done)
+    flush()
+    if is_schedule_free(optimizer):
+        optimizer.eval()  # the evaluation weights are the ones to save
+    return result
+
+
+def _step_runner(
+    settings: LoopSettings,
+    step: TrainingStep,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler | None,
+    device: torch.device,
+    graphs: bool,
+) -> StepRunner:
+    """How each step runs: replayed CUDA graphs where the setting and the device allow (the optimizer step inside
+    them when it can be captured), else eagerly; the loss computation compiled when asked."""
+    optimizer_step = OptimizerStep(step.loss, optimizer, settings.autocast_dtype, device, compile=settings.compile)
+    if not graphs:
+        return EagerSteps(optimizer_step)
+    refusal = graph_refusal(optimizer, scheduler)
+    if refusal:
+        log.info("The optimizer steps outside the CUDA graphs: %s.", refusal)
+    return CapturedSteps(optimizer_step, CudaGraphBackend(), whole_step=not refusal)
+
+
+def readback_interval(device: torch.device) -> int:
+    """Steps between loss read-backs, which are also the progress events: every step on the CPU, 10 on a GPU."""
+    return 1 if device.type == "cpu" else GPU_READBACK_EVERY
+
+
+@contextlib.contextmanager
+def _evaluation_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Schedule-free optimizers hold their evaluation weights only in eval mode: saves happen there."""
+    if not is_schedule_free(optimizer):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()

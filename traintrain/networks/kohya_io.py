@@ -1,0 +1,190 @@
+"""kohya / LyCORIS key format: network → tensors + `ss_*` metadata, files → adapter weights (safetensors only)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from traintrain.errors import TrainTrainError
+from traintrain.files import atomic_path
+from traintrain.models.bundle import LoraTarget
+from traintrain.networks.modules import ADAPTERS, AdapterModule, LoHaModule, LoRAModule
+from traintrain.networks.network import Network, NetworkSpec
+
+
+
+def network_tensors(network: Network, dtype: torch.dtype, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """The file's tensors: `<name>.lora_down/up.weight` + `.alpha` (LoRA) or `.hada_w*` + `.alpha` (LoHa).
+
+    `strength` scales ΔW linearly (applied to lora_up / hada_w1_a), so weight 1.0 in the WebUI applies strength × ΔW.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, adapter in network.adapters.items():
+        if isinstance(adapter, LoRAModule):
+            tensors[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach()
+            tensors[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach() * strength
+        elif isinstance(adapter, LoHaModule):
+            fan_shape = (adapter.rank, adapter.in_dim, *adapter.kernel) if adapter.is_conv else None
+            w1b, w2b = adapter.hada_w1_b.detach(), adapter.hada_w2_b.detach()
+            tensors[f"{name}.hada_w1_a"] = adapter.hada_w1_a.detach() * strength
+            tensors[f"{name}.hada_w1_b"] = w1b.reshape(fan_shape) if fan_shape else w1b
+            tensors[f"{name}.hada_w2_a"] = adapter.hada_w2_a.detach()
+            tensors[f"{name}.hada_w2_b"] = w2b.reshape(fan_shape) if fan_shape else w2b
+        tensors[f"{name}.alpha"] = adapter.alpha.detach().clone()
+    return {k: v.to("cpu", dtype).contiguous() for k, v in tensors.items()}
+
+
+def save_network(
+    path: Path, network: Network, metadata: dict[str, str], dtype: torch.dtype, strength: float, steps: int = 0
+) -> Path:
+    """Write the network atomically (temp file in the same folder, then rename) and return the path.
+
+    Weights that are NaN / inf at the save precision are refused: a broken file never replaces a good one."""
+    tensors = network_tensors(network, dtype, strength)
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise TrainTrainError(
+            f"The network weights became NaN or infinite (or too large for the save precision) by step {steps}: "
+            "training stopped and the last good save is kept. Lower the learning rate or the network alpha."
+        )
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def read_network_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file; only `.safetensors` is read (never unpickled)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise TrainTrainError(f"{path.name}: only .safetensors LoRA files can be loaded (no pickled .pt/.ckpt).")
+    if not path.is_file():
+        raise TrainTrainError(f"LoRA file not found: {path}.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise TrainTrainError(f"{path.name} is not a readable safetensors file: {error}.") from error
+
+
+def module_names(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The kohya module names present in a file's tensors."""
+    return {key.split(".", 1)[0] for key in tensors}
+
+
+def load_into(network: Network, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a file's weights into matching adapters (the inverse of `network_tensors` at strength 1)."""
+    for name, adapter in network.adapters.items():
+        if f"{name}.alpha" not in tensors:
+            raise TrainTrainError(f"The LoRA file has no weights for {name}: it was made for another model or type.")
+        try:
+            if isinstance(adapter, LoRAModule):
+                adapter.lora_down.weight.data.copy_(tensors[f"{name}.lora_down.weight"])
+                adapter.lora_up.weight.data.copy_(tensors[f"{name}.lora_up.weight"])
+            else:
+                for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+                    param = getattr(adapter, key)
+                    param.data.copy_(tensors[f"{name}.{key}"].reshape(param.shape))
+        except (KeyError, RuntimeError) as error:
+            raise TrainTrainError(f"The LoRA file does not fit this network at {name}: {error}.") from error
+
+
+def _adapter_shape(tensors: dict[str, torch.Tensor], name: str) -> tuple[str, int, float]:
+    """(adapter kind 'lora'|'loha', rank, alpha) of one module of a file; no alpha means alpha = rank."""
+    if f"{name}.hada_w1_a" in tensors:
+        kind, rank = "loha", int(tensors[f"{name}.hada_w1_a"].shape[1])
+    elif f"{name}.lora_down.weight" in tensors:
+        kind, rank = "lora", int(tensors[f"{name}.lora_down.weight"].shape[0])
+    else:
+        raise TrainTrainError(f"Unrecognised LoRA file: module {name} has neither lora_down nor hada_w1_a weights.")
+    alpha = tensors.get(f"{name}.alpha")
+    return kind, rank, float(alpha) if alpha is not None else float(rank)
+
+
+def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bool = True) -> Network:
+    """A network with exactly the modules, ranks, alphas and weights of a saved file (resume, copy machine);
+    without `text_encoder`, the file's text-encoder modules are left out (modes that encode prompts once)."""
+    tensors, _ = read_network_file(path)
+    layers = {t.name: t.module for t in targets}
+    names = sorted(n for n in module_names(tensors) if text_encoder or not n.startswith("lora_te"))
+    if not names:
+        raise TrainTrainError(f"{Path(path).name} has no UNet modules to train in this mode.")
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise TrainTrainError(
+            f"{Path(path).name} does not fit this model ({len(unknown)} unknown modules, e.g. {unknown[0]}): "
+            "it was made for another model family."
+        )
+    adapters: dict[str, AdapterModule] = {}
+    for name in names:
+        kind, rank, alpha = _adapter_shape(tensors, name)
+        adapters[name] = ADAPTERS[kind](layers[name], rank, alpha)
+    network = Network(_spec_of(adapters), adapters, {n: layers[n] for n in names})
+    load_into(network, tensors)
+    return network
+
+
+def _spec_of(adapters: dict[str, AdapterModule]) -> NetworkSpec:
+    """The network type, ranks and alphas a loaded file actually has (for its metadata when saved again)."""
+    first = next(iter(adapters.values()))
+    spatial = [a for a in adapters.values() if a.is_conv and a.kernel != (1, 1)]
+    network_type = "loha" if first.kind == "loha" else ("c3lier" if spatial else "lierla")
+    conv_rank, conv_alpha = (spatial[0].rank, float(spatial[0].alpha)) if spatial else (0, 0.0)
+    return NetworkSpec(network_type, first.rank, float(first.alpha), conv_rank, conv_alpha)
+
+
+def training_metadata(
+    *,
+    output_name: str,
+    network_type: str,
+    rank: int,
+    alpha: float,
+    conv_rank: int,
+    conv_alpha: float,
+    base_model_version: str,
+    v_prediction: bool,
+    settings: dict[str, object],
+    tag_frequency: dict[str, int],
+    started_at: float,
+    steps: int,
+) -> dict[str, str]:
+    """kohya `ss_*` keys (and a few `modelspec.*`) as strings; the WebUI's Lora card shows them."""
+    args: dict[str, str] = {}
+    module = "networks.lora"
+    if network_type == "c3lier":
+        args = {"conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha), "algo": "locon"}
+    elif network_type == "loha":
+        module = "lycoris.kohya"
+        args = {"algo": "loha", "conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha)}
+    meta = {
+        "ss_session_id": str(int(started_at * 1000) % 2**31),
+        "ss_training_started_at": str(started_at),
+        "ss_training_finished_at": str(time.time()),
+        "ss_output_name": output_name,
+        "ss_network_module": module,
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_network_args": json.dumps(args),
+        "ss_base_model_version": base_model_version,
+        "ss_v2": str(base_model_version == "sd_v2"),
+        "ss_steps": str(steps),
+        "ss_tag_frequency": json.dumps({"1": tag_frequency} if tag_frequency else {}),
+        "modelspec.architecture": _architecture(base_model_version, network_type),
+        "modelspec.title": output_name,
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+    }
+    meta.update({f"ss_{key}": str(value) for key, value in settings.items()})
+    return meta
+
+
+def _architecture(base_model_version: str, network_type: str) -> str:
+    family = {
+        "sd_v1": "stable-diffusion-v1",
+        "sd_v2": "stable-diffusion-v2-768-v",
+        "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
+    }
+    suffix = "lora" if network_type != "loha" else "lycoris-loha"
+    return f"{family.get(base_model_version, base_model_version)}/{suffix}"

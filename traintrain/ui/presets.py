@@ -1,0 +1,93 @@
+"""Presets (`presets/<name>.json`) and saved settings (`jsons/**/<name>.json`): list, load and save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from traintrain.config import TrainConfig
+from traintrain.errors import TrainTrainError
+from traintrain.files import inside, plain_name
+from traintrain.ui.handlers import shows_errors
+from traintrain.ui.params import ParamsPanel
+
+
+def preset_names(presets_dir: Path) -> list[str]:
+    """The preset names (file stems), sorted."""
+    folder = Path(presets_dir)
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def save_preset(presets_dir: Path, config: TrainConfig) -> Path:
+    """Write `presets/<save lora name>.json` (sanitized; "untitled" when empty)."""
+    return config.save_json(inside(Path(presets_dir), f"{config.effective_name}.json"))
+
+
+def load_preset(presets_dir: Path, name: str) -> TrainConfig:
+    """Read the preset `name`."""
+    if not name:
+        raise TrainTrainError("Choose a preset first.")
+    path = inside(Path(presets_dir), f"{_plain(name)}.json")
+    if not path.is_file():
+        raise TrainTrainError(f"No preset {name!r} in {presets_dir}: press refresh to update the list.")
+    return TrainConfig.load_json(path)
+
+
+def find_saved_json(jsons_dir: Path, name: str) -> Path:
+    """The newest `<name>.json` anywhere under `jsons/` (".json" optional)."""
+    stem = _plain(name.strip().removesuffix(".json"))
+    matches = list(Path(jsons_dir).rglob(f"{stem}.json")) if Path(jsons_dir).is_dir() else []
+    if not matches:
+        raise TrainTrainError(f"No {stem}.json under {jsons_dir}: copy the name of a saved settings file.")
+    return max(matches, key=lambda p: p.stat().st_mtime)
+
+
+def _plain(name: str) -> str:
+    return plain_name(name, "give a name without folders or wildcards.")
+
+
+class PresetsPanel:
+    """Preset dropdown with load / save / refresh, and a box to load settings saved in `jsons/`."""
+
+    def __init__(self, presets_dir: Path, jsons_dir: Path) -> None:
+        self.presets_dir, self.jsons_dir = Path(presets_dir), Path(jsons_dir)
+        self.params: ParamsPanel | None = None
+        with gr.Row():
+            self.preset = gr.Dropdown(preset_names(self.presets_dir), label="Preset", elem_id="tt_preset", scale=3)
+            self.load_button = gr.Button("Load preset", elem_id="tt_preset_load", scale=1)
+            self.save_button = gr.Button("Save preset", elem_id="tt_preset_save", scale=1)
+            self.refresh_button = gr.Button(
+                "↻", elem_id="tt_preset_refresh", elem_classes=["tt-tool"], scale=0, min_width=40
+            )
+            self.json_name = gr.Textbox(label="Saved settings name (jsons/)", elem_id="tt_json_name", scale=3)
+            self.json_button = gr.Button("Load settings", elem_id="tt_json_load", scale=1)
+
+    def connect(self, params: ParamsPanel, message: Any) -> None:
+        """Wire the buttons to the parameter panel (built below this row) and the message box."""
+        self.params = params
+        settings = params.inputs
+        self.load_button.click(
+            shows_errors(self.load, len(settings)), inputs=[self.preset], outputs=[*settings, message]
+        )
+        self.json_button.click(
+            shows_errors(self.load_json, len(settings)), inputs=[self.json_name], outputs=[*settings, message]
+        )
+        self.save_button.click(shows_errors(self.save, 1), inputs=settings, outputs=[self.preset, message])
+        self.refresh_button.click(lambda: gr.update(choices=preset_names(self.presets_dir)), outputs=[self.preset])
+
+    def load(self, name: str) -> list[Any]:
+        """Widget values of the preset, then the message."""
+        return [*self.params.show(load_preset(self.presets_dir, name)), f"Loaded preset {name}."]
+
+    def load_json(self, name: str) -> list[Any]:
+        """Widget values of a saved settings file, then the message."""
+        path = find_saved_json(self.jsons_dir, name)
+        return [*self.params.show(TrainConfig.load_json(path)), f"Loaded {path}."]
+
+    def save(self, *values: Any) -> tuple[Any, str]:
+        """Save the current settings as a preset (touches nothing else: the queue stays as it is)."""
+        config = self.params.read(values)
+        path = save_preset(self.presets_dir, config)
+        return gr.update(choices=preset_names(self.presets_dir), value=path.stem), f"Preset saved: {path}"
