@@ -64,7 +64,9 @@ def _safetensors_layout(path: Path) -> dict[str, tuple[str, list[int]]] | None:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: (handle.get_slice(key).get_dtype(), handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return {
+                key: (handle.get_slice(key).get_dtype(), handle.get_slice(key).get_shape()) for key in handle.keys()
+            }
     except (SafetensorError, OSError) as error:
         raise TrainTrainError(f"{path} is not a readable .safetensors file ({error}): choose another file.") from error
 
