@@ -4,14 +4,15 @@ Forge's model is a `ForgeDiffusionEngine` (not an nn.Module) whose weights are i
 into them (forge.md §2). So, under Forge's generation lock: Forge frees its device copy (`unload_all_models`, which
 also takes merged LoRAs off), the picked or loaded checkpoint file is loaded with the project's own offline loader
 onto Forge's device, trained, and dropped from the device again. Two copies are never on the device at once; Forge
-loads its (unchanged) model back for its next generation by itself.
+loads its (unchanged) model back for its next generation by itself. Holding the lock also keeps Forge from loading
+a model meanwhile, whose build swaps `torch.nn.Linear` & co. process-wide for its own classes (forge.md §2.5).
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -61,7 +62,9 @@ class ForgeModelProvider(HostModelProvider):
 
     `config_dirs` overrides the shipped diffusers configs per model kind (for checkpoints of other sizes)."""
 
-    def __init__(self, on_interrupt=None, config_dirs: Mapping[ModelKind, Path] | None = None) -> None:
+    def __init__(
+        self, on_interrupt: Callable[[], object] | None = None, config_dirs: Mapping[ModelKind, Path] | None = None
+    ) -> None:
         super().__init__(on_interrupt)
         self.config_dirs = dict(config_dirs or {})
 

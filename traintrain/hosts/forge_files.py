@@ -91,6 +91,8 @@ def checkpoint_kind(path: Path) -> ModelKind | None:
 
 def _is_vae_file(path: Path) -> bool:
     """Whether a file of Forge's additional modules is a VAE (it has a decoder); .ckpt / .pt files count as VAEs."""
+    if path.suffix.lower() == ".gguf":  # quantized text encoders (T5, Qwen3)
+        return False
     layout = _safetensors_layout(path)
     return layout is None or any(key.startswith(VAE_KEYS) for key in layout)
 
