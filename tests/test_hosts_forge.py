@@ -196,8 +196,20 @@ def test_before_the_first_generation_the_checkpoint_forge_will_load_is_trained(
 ) -> None:
     fake = forge_for(monkeypatch, tmp_path, files["sdxl"][0], "sdxl")
     fake.shared.sd_model = fake.model_data.sd_model = type("FakeInitialModel", (), {})()
+    fake.model_data.forge_loading_parameters = {}  # nothing built yet: Forge's default pick (select_checkpoint)
     with provider_for(files).open(config_for(images)) as bundle:
         assert bundle.kind == "sdxl"
+
+
+def test_a_checkpoint_picked_in_forges_dropdown_is_trained_before_forge_loads_it(
+    files, images, tmp_path, monkeypatch
+) -> None:
+    fake = forge_for(monkeypatch, tmp_path, files["sd1"][0])
+    picked = type(fake.engine.sd_checkpoint_info)(filename=str(files["sdxl"][0]))
+    fake.model_data.forge_loading_parameters = {"checkpoint_info": picked, "additional_modules": []}
+    with provider_for(files).open(config_for(images)) as bundle:
+        assert bundle.kind == "sdxl"
+    assert fake.shared.sd_model is fake.engine and ("forge_model_reload",) not in fake.calls
 
 
 def test_previews_go_through_forges_txt2img_under_its_lock(files, tmp_path, monkeypatch) -> None:

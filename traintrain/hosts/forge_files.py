@@ -1,6 +1,7 @@
 """Which files a Forge / Forge Neo job trains from, and what such a file must be (forge.md §2.1, §2.3).
 
-The checkpoint is the picked one, else the one Forge has loaded or will load; the VAE is the picked one, else the
+The checkpoint is the picked one, else the one of Forge's model dropdown (loaded, or loaded by its next generation);
+the VAE is the picked one, else the
 VAE of Forge's "VAE / Text Encoder" choice. Files the project's loader cannot train (GGUF, pre-quantized nf4 / fp4,
 fp8-only weights, Flux / Z-Image and other DiT models, separate text encoders) are refused with what to change.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from traintrain.config import TrainConfig
 from traintrain.errors import TrainTrainError
@@ -19,7 +19,6 @@ from traintrain.models.checkpoint import detect_kind
 
 # Forge engine classes (backend.diffusion_engine) TrainTrain trains, by the model kind they hold.
 ENGINE_KINDS: dict[str, ModelKind] = {"StableDiffusion": "sd1", "StableDiffusion2": "sd2", "StableDiffusionXL": "sdxl"}
-NOT_LOADED_ENGINES = ("FakeInitialModel",)  # Neo's placeholder until the first generation
 QUANT_KEYS = (".absmax", ".quant_map", ".quant_state", "bitsandbytes__")  # bitsandbytes nf4 / fp4 tensors
 DIT_KEYS = {  # a key part only these diffusion transformers have → the model's name
     "double_blocks.": "Flux",
@@ -97,23 +96,20 @@ def _is_vae_file(path: Path) -> bool:
     return layout is None or any(key.startswith(VAE_KEYS) for key in layout)
 
 
-def loaded_checkpoint_file() -> Path:
-    """The checkpoint Forge has loaded, else the one its next generation loads; refuses a loaded DiT engine."""
+def selected_checkpoint_file() -> Path:
+    """The checkpoint of Forge's model dropdown (the one its next generation uses, loaded or not), else the loaded
+    one, else Forge's default pick; a loaded DiT engine of that file is refused by its class."""
     from modules import sd_models, shared
 
+    parameters = getattr(sd_models.model_data, "forge_loading_parameters", None) or {}
     engine = shared.sd_model
-    engine_class = type(engine).__name__
-    if engine is not None and engine_class not in NOT_LOADED_ENGINES:
-        if engine_class not in ENGINE_KINDS:
-            raise TrainTrainError(UNSUPPORTED_MODEL.format(what=engine_class))
-        info: Any = getattr(engine, "sd_checkpoint_info", None)
-    else:
-        info = None
-    if info is None:
-        parameters = getattr(sd_models.model_data, "forge_loading_parameters", None) or {}
-        info = parameters.get("checkpoint_info") or sd_models.select_checkpoint()
+    loaded = getattr(engine, "sd_checkpoint_info", None)
+    info = parameters.get("checkpoint_info") or loaded or sd_models.select_checkpoint()
     if info is None:
         raise TrainTrainError(NO_CHECKPOINT)
+    engine_class = type(engine).__name__
+    if loaded is not None and loaded.filename == info.filename and engine_class not in ENGINE_KINDS:
+        raise TrainTrainError(UNSUPPORTED_MODEL.format(what=engine_class))
     return Path(info.filename)
 
 
@@ -130,6 +126,6 @@ def forge_vae_file() -> Path | None:
 
 def training_files(config: TrainConfig) -> TrainingFiles:
     """The files a Forge job for `config` loads: its picks from TrainTrain's lists, else what Forge uses."""
-    checkpoint = Path(checkpoint_info(config.model).filename) if config.model else loaded_checkpoint_file()
+    checkpoint = Path(checkpoint_info(config.model).filename) if config.model else selected_checkpoint_file()
     vae = Path(vae_file(config.vae)) if config.vae else forge_vae_file()
     return TrainingFiles(checkpoint, vae, checkpoint_kind(checkpoint))
