@@ -3,10 +3,12 @@ inference tensors (as reForge's generations leave them) after ldm_patched unload
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.machinery
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -58,6 +60,35 @@ def test_the_host_is_told_by_what_it_offers(monkeypatch, forge_reload, ldm_patch
         install_module(monkeypatch, "modules_forge.forge_version", version=version)
     host = hosts.detect_host()
     assert host.name == expected and type(host.provider()) is provider
+
+
+HOST_PACKAGES = {"modules", "backend", "modules_forge", "ldm_patched", "launch", "networks"}
+PACKAGE = Path(__file__).resolve().parents[1] / "traintrain"
+
+
+def host_imports(tree: ast.AST) -> list[ast.stmt]:
+    """The import statements of host packages in `tree`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(name.split(".")[0] in HOST_PACKAGES for name in names):
+            found.append(node)
+    return found
+
+
+def test_host_code_is_imported_only_by_the_hosts_package_and_only_inside_functions() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if path.parent.name != "hosts":
+            assert host_imports(tree) == [], f"{path} imports host code"
+        else:
+            assert [node for node in tree.body if node in host_imports(tree)] == [], f"{path}: module-level import"
+    assert host_imports(ast.parse((PACKAGE / "hosts" / "forge.py").read_text())), "the scan finds lazy imports"
 
 
 def as_inference_tensors(model: nn.Module) -> None:
