@@ -191,6 +191,10 @@ class FakeForge:
         return sys.modules["modules.shared"]
 
     @property
+    def sd_models(self) -> types.ModuleType:
+        return sys.modules["modules.sd_models"]
+
+    @property
     def sd_vae(self) -> types.ModuleType:
         return sys.modules["modules.sd_vae"]
 

@@ -201,6 +201,17 @@ def test_before_the_first_generation_the_checkpoint_forge_will_load_is_trained(
         assert bundle.kind == "sdxl"
 
 
+def test_without_any_checkpoint_the_job_is_refused(files, images, tmp_path, monkeypatch) -> None:
+    fake = forge_for(monkeypatch, tmp_path, files["sd1"][0])
+    fake.shared.sd_model = fake.model_data.sd_model = type("FakeInitialModel", (), {})()
+    fake.model_data.forge_loading_parameters = {}
+    monkeypatch.setattr(fake.sd_models, "select_checkpoint", lambda: None)
+    with pytest.raises(TrainTrainError, match="Forge has no checkpoint selected"):
+        with provider_for(files).open(config_for(images)):
+            pass
+    assert ("unload_all_models",) not in fake.calls and not fake.locked_elsewhere()
+
+
 def test_a_checkpoint_picked_in_forges_dropdown_is_trained_before_forge_loads_it(
     files, images, tmp_path, monkeypatch
 ) -> None:

@@ -104,7 +104,12 @@ def selected_checkpoint_file() -> Path:
     parameters = getattr(sd_models.model_data, "forge_loading_parameters", None) or {}
     engine = shared.sd_model
     loaded = getattr(engine, "sd_checkpoint_info", None)
-    info = parameters.get("checkpoint_info") or loaded or sd_models.select_checkpoint()
+    info = parameters.get("checkpoint_info") or loaded
+    if info is None:
+        try:
+            info = sd_models.select_checkpoint()
+        except FileNotFoundError as error:  # the A1111 code Forge keeps raises this when the folder is empty
+            raise TrainTrainError(NO_CHECKPOINT) from error
     if info is None:
         raise TrainTrainError(NO_CHECKPOINT)
     engine_class = type(engine).__name__
