@@ -26,6 +26,7 @@ from traintrain import hosts
 from traintrain.demo import demo_config, write_sample_images
 from traintrain.errors import TrainTrainError
 from traintrain.hosts.forge import ForgeModelProvider
+from traintrain.hosts.forge_files import config_folder
 from traintrain.models import checkpoint
 from traintrain.models.bundle import BASE_MODEL_VERSION
 from traintrain.models.ldm_convert import VAE_PREFIX, save_single_file, vae_state_dict_to_ldm
@@ -38,15 +39,13 @@ ENGINES = {"sd1": StableDiffusion, "sdxl": StableDiffusionXL}
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """Per kind: the tiny checkpoint as an A1111-style single file, and its diffusers config folder."""
-    root = tmp_path_factory.mktemp("forge-models")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Per kind: the tiny checkpoint as an A1111-style single file, its diffusers config folder beside it."""
+    root = tmp_path_factory.mktemp("forge-models") / "Stable-diffusion"
     out = {}
     for kind in ENGINES:
-        path = save_single_file(
-            build_tiny_components(kind, seed=0), root / "Stable-diffusion" / f"tiny-{kind}.safetensors"
-        )
-        out[kind] = (path, save_tiny_pipeline(kind, root / f"config-{kind}"))
+        out[kind] = save_single_file(build_tiny_components(kind, seed=0), root / f"tiny-{kind}.safetensors")
+        save_tiny_pipeline(kind, root / f"tiny-{kind}")
     return out
 
 
@@ -59,8 +58,8 @@ def forge_for(monkeypatch, tmp_path: Path, checkpoint_file: Path, kind: str = "s
     return FakeForge(monkeypatch, forge_engine(checkpoint_file, ENGINES[kind]), tmp_path, neo=neo)
 
 
-def provider_for(files, on_interrupt=None) -> ForgeModelProvider:
-    return ForgeModelProvider(on_interrupt, config_dirs={kind: folder for kind, (_, folder) in files.items()})
+def provider_for(on_interrupt=None) -> ForgeModelProvider:
+    return ForgeModelProvider(on_interrupt)
 
 
 def config_for(images: Path, **changes):
@@ -75,7 +74,7 @@ def dirs_in(tmp: Path) -> OutputDirs:
 def test_a_job_trains_a_copy_from_the_file_and_leaves_forges_model_as_it_was(
     files, images, tmp_path, monkeypatch, kind
 ) -> None:
-    fake = forge_for(monkeypatch, tmp_path, files[kind][0], kind)
+    fake = forge_for(monkeypatch, tmp_path, files[kind], kind)
     clean = {key: value.clone() for key, value in engine_tensors(fake.engine).items()}
     fake.engine.forge_objects.unet.merge_lora(PATCHED_KEY, 0.25)  # a generation with <lora:…> merged it
     reads = []
@@ -84,7 +83,7 @@ def test_a_job_trains_a_copy_from_the_file_and_leaves_forges_model_as_it_was(
         checkpoint, "read_state_dict", lambda path: reads.append(fake.calls[:]) or read_state_dict(path)
     )
     held = []
-    with provider_for(files).open(config_for(images)) as bundle:
+    with provider_for().open(config_for(images)) as bundle:
         assert not hasattr(bundle, "sd_model") and bundle.kind == kind
         assert fake.state.job == "TrainTrain"
         result = run_training(
@@ -106,9 +105,9 @@ def test_a_job_trains_a_copy_from_the_file_and_leaves_forges_model_as_it_was(
 
 
 def test_the_trained_copy_is_the_checkpoints_own_weights(files, images, tmp_path, monkeypatch) -> None:
-    fake = forge_for(monkeypatch, tmp_path, files["sd1"][0])
+    fake = forge_for(monkeypatch, tmp_path, files["sd1"])
     expected = build_tiny_components("sd1", seed=0)
-    with provider_for(files).open(config_for(images)) as bundle:
+    with provider_for().open(config_for(images)) as bundle:
         unet = bundle.components.unet.state_dict()
         assert all(torch.equal(unet[k], v) for k, v in expected.unet.state_dict().items())
         assert all(not p.is_inference() for p in bundle.components.unet.parameters())
@@ -116,7 +115,7 @@ def test_the_trained_copy_is_the_checkpoints_own_weights(files, images, tmp_path
 
 
 def test_forges_interrupt_stops_the_training_with_a_save(files, images, tmp_path, monkeypatch) -> None:
-    fake = forge_for(monkeypatch, tmp_path, files["sd1"][0], neo=False)
+    fake = forge_for(monkeypatch, tmp_path, files["sd1"], neo=False)
     stop = StopFlag()
     config = config_for(images, train_iterations=5000)
 
@@ -124,14 +123,14 @@ def test_forges_interrupt_stops_the_training_with_a_save(files, images, tmp_path
         if progress.step == 2:
             fake.state.interrupted = True
 
-    with provider_for(files, on_interrupt=lambda: stop.request(save=True)).open(config) as bundle:
+    with provider_for(on_interrupt=lambda: stop.request(save=True)).open(config) as bundle:
         result = run_training(RunContext(config, bundle, dirs_in(tmp_path), progress=press_interrupt, stop=stop))
     assert result.stopped and result.steps < 5000 and result.path.name.startswith("demo-step")
     assert fake.state.job == "" and not fake.locked_elsewhere()
 
 
 def test_the_vae_of_forges_module_choice_or_the_picked_one_is_used(files, images, tmp_path, monkeypatch) -> None:
-    fake = forge_for(monkeypatch, tmp_path, files["sd1"][0])
+    fake = forge_for(monkeypatch, tmp_path, files["sd1"])
     other = build_tiny_components("sd1", seed=1).vae
     vae_path = tmp_path / "VAE" / "other.safetensors"
     vae_path.parent.mkdir()
@@ -139,11 +138,11 @@ def test_the_vae_of_forges_module_choice_or_the_picked_one_is_used(files, images
     save_file({VAE_PREFIX + k: v.contiguous() for k, v in ldm.items()}, str(vae_path))
     fake.shared.opts.forge_additional_modules = [str(vae_path)]
     expected = other.state_dict()
-    with provider_for(files).open(config_for(images)) as bundle:
+    with provider_for().open(config_for(images)) as bundle:
         assert all(torch.equal(bundle.components.vae.state_dict()[k], v) for k, v in expected.items())
     fake.shared.opts.forge_additional_modules = []
     fake.sd_vae.vae_dict["other.safetensors"] = str(vae_path)  # picked in TrainTrain's VAE list
-    with provider_for(files).open(config_for(images, vae="other.safetensors")) as bundle:
+    with provider_for().open(config_for(images, vae="other.safetensors")) as bundle:
         assert all(torch.equal(bundle.components.vae.state_dict()[k], v) for k, v in expected.items())
 
 
@@ -154,7 +153,7 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 
 def test_what_cannot_be_trained_is_refused_before_forge_is_touched(files, images, tmp_path, monkeypatch) -> None:
-    fake = forge_for(monkeypatch, tmp_path, files["sd1"][0])
+    fake = forge_for(monkeypatch, tmp_path, files["sd1"])
     gguf = tmp_path / "flux-q4.gguf"
     gguf.write_bytes(b"GGUF")
     fp8 = write_file(
@@ -175,17 +174,17 @@ def test_what_cannot_be_trained_is_refused_before_forge_is_touched(files, images
     }
     for name, message in cases.items():
         with pytest.raises(TrainTrainError, match=message):
-            with provider_for(files).open(config_for(images, model=name)):
+            with provider_for().open(config_for(images, model=name)):
                 pass
     text_encoder = write_file(tmp_path / "t5xxl.safetensors", {"encoder.block.0.layer.0.weight": torch.zeros(2)})
     fake.shared.opts.forge_additional_modules = [str(text_encoder)]
     with pytest.raises(TrainTrainError, match="t5xxl.safetensors, which is not a VAE"):
-        with provider_for(files).open(config_for(images)):
+        with provider_for().open(config_for(images)):
             pass
     fake.shared.opts.forge_additional_modules = []
     fake.shared.sd_model = Flux(fake.engine.forge_objects, fake.engine.sd_checkpoint_info)
     with pytest.raises(TrainTrainError, match="Forge has a Flux model loaded: TrainTrain trains SD1, SD2 and SDXL"):
-        with provider_for(files).open(config_for(images)):
+        with provider_for().open(config_for(images)):
             pass
     assert ("unload_all_models",) not in fake.calls
     assert fake.calls.count(("list_available_networks",)) == 7 and not fake.locked_elsewhere()
@@ -194,20 +193,20 @@ def test_what_cannot_be_trained_is_refused_before_forge_is_touched(files, images
 def test_before_the_first_generation_the_checkpoint_forge_will_load_is_trained(
     files, images, tmp_path, monkeypatch
 ) -> None:
-    fake = forge_for(monkeypatch, tmp_path, files["sdxl"][0], "sdxl")
+    fake = forge_for(monkeypatch, tmp_path, files["sdxl"], "sdxl")
     fake.shared.sd_model = fake.model_data.sd_model = type("FakeInitialModel", (), {})()
     fake.model_data.forge_loading_parameters = {}  # nothing built yet: Forge's default pick (select_checkpoint)
-    with provider_for(files).open(config_for(images)) as bundle:
+    with provider_for().open(config_for(images)) as bundle:
         assert bundle.kind == "sdxl"
 
 
 def test_without_any_checkpoint_the_job_is_refused(files, images, tmp_path, monkeypatch) -> None:
-    fake = forge_for(monkeypatch, tmp_path, files["sd1"][0])
+    fake = forge_for(monkeypatch, tmp_path, files["sd1"])
     fake.shared.sd_model = fake.model_data.sd_model = type("FakeInitialModel", (), {})()
     fake.model_data.forge_loading_parameters = {}
     monkeypatch.setattr(fake.sd_models, "select_checkpoint", lambda: None)
     with pytest.raises(TrainTrainError, match="Forge has no checkpoint selected"):
-        with provider_for(files).open(config_for(images)):
+        with provider_for().open(config_for(images)):
             pass
     assert ("unload_all_models",) not in fake.calls and not fake.locked_elsewhere()
 
@@ -215,10 +214,10 @@ def test_without_any_checkpoint_the_job_is_refused(files, images, tmp_path, monk
 def test_a_checkpoint_picked_in_forges_dropdown_is_trained_before_forge_loads_it(
     files, images, tmp_path, monkeypatch
 ) -> None:
-    fake = forge_for(monkeypatch, tmp_path, files["sd1"][0])
-    picked = type(fake.engine.sd_checkpoint_info)(filename=str(files["sdxl"][0]))
+    fake = forge_for(monkeypatch, tmp_path, files["sd1"])
+    picked = type(fake.engine.sd_checkpoint_info)(filename=str(files["sdxl"]))
     fake.model_data.forge_loading_parameters = {"checkpoint_info": picked, "additional_modules": []}
-    with provider_for(files).open(config_for(images)) as bundle:
+    with provider_for().open(config_for(images)) as bundle:
         assert bundle.kind == "sdxl"
     assert fake.shared.sd_model is fake.engine and ("forge_model_reload",) not in fake.calls
 
@@ -226,20 +225,27 @@ def test_a_checkpoint_picked_in_forges_dropdown_is_trained_before_forge_loads_it
 def test_previews_go_through_forges_txt2img_under_its_lock(files, tmp_path, monkeypatch) -> None:
     from traintrain.config import TrainConfig
 
-    fake = forge_for(monkeypatch, tmp_path, files["sd1"][0])
+    fake = forge_for(monkeypatch, tmp_path, files["sd1"])
     config = TrainConfig(mode="iLECO", original_prompt="a cat", target_prompt="a dog", image_size=(64, 64))
-    drawn = provider_for(files).preview(config, preview_requests(config, "all", seed=3))
+    drawn = provider_for().preview(config, preview_requests(config, "all", seed=3))
     assert len(drawn) == 2
     assert [c for c in fake.calls if c[0] == "process_images"] == [
         ("process_images", p, True, True) for p in ("a cat", "a dog")
     ]
     with fake.queue_lock, pytest.raises(TrainTrainError, match="busy"):
-        provider_for(files).preview(config, preview_requests(config, "original"))
+        provider_for().preview(config, preview_requests(config, "original"))
 
 
 def test_the_host_interface_on_forge(files, tmp_path, monkeypatch) -> None:
-    forge_for(monkeypatch, tmp_path, files["sd1"][0])
+    forge_for(monkeypatch, tmp_path, files["sd1"])
     host = hosts.detect_host()
     assert host.name == "Forge Neo" and isinstance(host.provider(), ForgeModelProvider)
     assert host.lora_dir() == tmp_path / "Lora"
     assert host.model_choices() == ["", "tiny-sd1.safetensors [abcd]"] and host.vae_choices() == [""]
+
+
+def test_a_config_folder_beside_the_checkpoint_is_used_else_the_shipped_one(files, tmp_path) -> None:
+    assert config_folder(files["sdxl"]) == files["sdxl"].with_suffix("")
+    lone = tmp_path / "real-size.safetensors"
+    (tmp_path / "real-size").mkdir()  # a folder without unet/config.json is not a config folder
+    assert config_folder(lone) is None

@@ -11,8 +11,7 @@ a model meanwhile, whose build swaps `torch.nn.Linear` & co. process-wide for it
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from torch import nn
 from traintrain.config import TrainConfig
 from traintrain.hosts.common import HostModelProvider
 from traintrain.hosts.forge_files import training_files
-from traintrain.models.bundle import ModelBundle, ModelKind
+from traintrain.models.bundle import ModelBundle
 from traintrain.precision import weight_dtype
 
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,15 +57,7 @@ def drop_from_device(modules: list[nn.Module]) -> None:
 
 
 class ForgeModelProvider(HostModelProvider):
-    """Forge / Forge Neo: a trainable copy from the checkpoint file while Forge's own model waits off the device.
-
-    `config_dirs` overrides the shipped diffusers configs per model kind (for checkpoints of other sizes)."""
-
-    def __init__(
-        self, on_interrupt: Callable[[], object] | None = None, config_dirs: Mapping[ModelKind, Path] | None = None
-    ) -> None:
-        super().__init__(on_interrupt)
-        self.config_dirs = dict(config_dirs or {})
+    """Forge / Forge Neo: a trainable copy from the checkpoint file while Forge's own model waits off the device."""
 
     @contextlib.contextmanager
     def model_for(self, config: TrainConfig) -> Iterator[ModelBundle]:
@@ -84,7 +75,7 @@ class ForgeModelProvider(HostModelProvider):
         try:
             components = load_checkpoint(
                 files.checkpoint,
-                config_dir=self.config_dirs.get(files.kind) if files.kind else None,
+                config_dir=files.config_dir,
                 vae_path=files.vae,
                 v_pred=True if config.model_v_pred else None,
                 dtype=dtype,

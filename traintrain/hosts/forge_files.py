@@ -14,11 +14,10 @@ from pathlib import Path
 from traintrain.config import TrainConfig
 from traintrain.errors import TrainTrainError
 from traintrain.hosts.common import checkpoint_info, vae_file
-from traintrain.models.bundle import ModelKind
 from traintrain.models.checkpoint import detect_kind
 
-# Forge engine classes (backend.diffusion_engine) TrainTrain trains, by the model kind they hold.
-ENGINE_KINDS: dict[str, ModelKind] = {"StableDiffusion": "sd1", "StableDiffusion2": "sd2", "StableDiffusionXL": "sdxl"}
+# Forge engine classes (backend.diffusion_engine) of the models TrainTrain trains (SD1, SD2, SDXL).
+ENGINES = ("StableDiffusion", "StableDiffusion2", "StableDiffusionXL")
 QUANT_KEYS = (".absmax", ".quant_map", ".quant_state", "bitsandbytes__")  # bitsandbytes nf4 / fp4 tensors
 DIT_KEYS = {  # a key part only these diffusion transformers have → the model's name
     "double_blocks.": "Flux",
@@ -48,11 +47,12 @@ NO_CHECKPOINT = "Forge has no checkpoint selected: pick one in TrainTrain's mode
 
 @dataclass(frozen=True)
 class TrainingFiles:
-    """The checkpoint (and separate VAE) a Forge job loads, and the checkpoint's kind when the file says it."""
+    """The checkpoint (and separate VAE) a Forge job loads, and the diffusers config folder to build it from (None:
+    the shipped SD1.5 / SD2.1 / SDXL one of its kind)."""
 
     checkpoint: Path
     vae: Path | None
-    kind: ModelKind | None
+    config_dir: Path | None
 
 
 def _safetensors_layout(path: Path) -> dict[str, tuple[str, list[int]]] | None:
@@ -70,14 +70,14 @@ def _safetensors_layout(path: Path) -> dict[str, tuple[str, list[int]]] | None:
         raise TrainTrainError(f"{path} is not a readable .safetensors file ({error}): choose another file.") from error
 
 
-def checkpoint_kind(path: Path) -> ModelKind | None:
-    """The kind of a checkpoint file TrainTrain can train; refuses GGUF, quantized and DiT files. None: not told
-    without reading the whole file (.ckpt), the loader decides."""
+def refuse_untrainable(path: Path) -> None:
+    """Refuse GGUF, quantized, DiT and other non-SD checkpoint files from their header (.ckpt files: the loader
+    decides when it reads them)."""
     if path.suffix.lower() == ".gguf":
         raise TrainTrainError(GGUF_MESSAGE.format(name=path.name))
     layout = _safetensors_layout(path)
     if layout is None:
-        return None
+        return
     if any(any(marker in key for marker in QUANT_KEYS) for key in layout):
         raise TrainTrainError(QUANTIZED_MESSAGE.format(name=path.name, what="nf4 / fp4 (bitsandbytes)"))
     if any(dtype.startswith("F8") for dtype, _ in layout.values()):
@@ -85,7 +85,14 @@ def checkpoint_kind(path: Path) -> ModelKind | None:
     for marker, what in DIT_KEYS.items():
         if any(marker in key for key in layout):
             raise TrainTrainError(UNSUPPORTED_MODEL.format(what=what))
-    return detect_kind({key: shape for key, (_, shape) in layout.items()})[0]
+    detect_kind({key: shape for key, (_, shape) in layout.items()})
+
+
+def config_folder(checkpoint: Path) -> Path | None:
+    """A diffusers config folder beside the checkpoint, named like it without its suffix (for checkpoints whose sizes
+    differ from SD1.5 / SD2.1 / SDXL); None: the shipped config of its kind."""
+    folder = checkpoint.with_suffix("")
+    return folder if (folder / "unet" / "config.json").is_file() else None
 
 
 def _is_vae_file(path: Path) -> bool:
@@ -113,7 +120,7 @@ def selected_checkpoint_file() -> Path:
     if info is None:
         raise TrainTrainError(NO_CHECKPOINT)
     engine_class = type(engine).__name__
-    if loaded is not None and loaded.filename == info.filename and engine_class not in ENGINE_KINDS:
+    if loaded is not None and loaded.filename == info.filename and engine_class not in ENGINES:
         raise TrainTrainError(UNSUPPORTED_MODEL.format(what=engine_class))
     return Path(info.filename)
 
@@ -133,4 +140,5 @@ def training_files(config: TrainConfig) -> TrainingFiles:
     """The files a Forge job for `config` loads: its picks from TrainTrain's lists, else what Forge uses."""
     checkpoint = Path(checkpoint_info(config.model).filename) if config.model else selected_checkpoint_file()
     vae = Path(vae_file(config.vae)) if config.vae else forge_vae_file()
-    return TrainingFiles(checkpoint, vae, checkpoint_kind(checkpoint))
+    refuse_untrainable(checkpoint)
+    return TrainingFiles(checkpoint, vae, config_folder(checkpoint))
