@@ -43,6 +43,10 @@ class StableDiffusion(ForgeDiffusionEngine):
     is_sd1 = True
 
 
+class StableDiffusion2(ForgeDiffusionEngine):
+    pass
+
+
 class StableDiffusionXL(ForgeDiffusionEngine):
     is_sdxl = True
 

@@ -15,6 +15,7 @@ from forge_fakes import (
     FakeForge,
     Flux,
     StableDiffusion,
+    StableDiffusion2,
     StableDiffusionXL,
     engine_tensors,
     forge_engine,
@@ -35,7 +36,7 @@ from traintrain.modes import OutputDirs, RunContext, run_training
 from traintrain.previews import preview_requests
 from traintrain.progress import StopFlag
 
-ENGINES = {"sd1": StableDiffusion, "sdxl": StableDiffusionXL}
+ENGINES = {"sd1": StableDiffusion, "sd2": StableDiffusion2, "sdxl": StableDiffusionXL}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def dirs_in(tmp: Path) -> OutputDirs:
     return OutputDirs(lora=tmp / "Lora", logs=tmp / "logs", jsons=tmp / "jsons")
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 def test_a_job_trains_a_copy_from_the_file_and_leaves_forges_model_as_it_was(
     files, images, tmp_path, monkeypatch, kind
 ) -> None:
