@@ -62,13 +62,13 @@ class ForgeModelProvider(HostModelProvider):
     @contextlib.contextmanager
     def model_for(self, config: TrainConfig) -> Iterator[ModelBundle]:
         """The bundle over the checkpoint file for `config` on Forge's device; afterwards it is gone from the device."""
-        from modules import devices
+        from backend import memory_management
 
         from traintrain.models.checkpoint import load_checkpoint
         from traintrain.models.diffusers_backend import DiffusersBundle
 
         files = training_files(config)
-        device = torch.device(devices.device)
+        device = torch.device(memory_management.get_torch_device())
         dtype = model_dtype(config, device)
         free_host_model()
         components = None
