@@ -218,7 +218,7 @@ def test_stop_ends_the_job_saves_as_asked_and_pauses_the_queue(make_queue, tiny_
     (entry,) = queue.status().results
     assert entry.state == "stopped" and entry.message.startswith("Stopped at step")
     saved = sorted(p.name for p in (tmp_path / "lora").glob("long*.safetensors"))
-    assert (len(saved) == 1 and saved[0].startswith("long-step")) if save else saved == []
+    assert (len(saved) == 1 and saved[0].startswith("long_") and saved[0].endswith("steps.safetensors")) if save else saved == []
     assert [(e.name, e.state) for e in queue.entries()] == [("waiting", "paused")]
     assert queue.stop(save=True) == "Nothing is training."
 

@@ -64,7 +64,7 @@ def test_stop_saves_the_lora_so_far_as_step_file(images, tmp_path) -> None:
 
     result = run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path), progress, stop))
     assert result.stopped and result.steps == 3
-    assert lora_files(tmp_path) == ["demo-step3.safetensors"] and result.path.name == "demo-step3.safetensors"
+    assert lora_files(tmp_path) == ["demo_3steps.safetensors"] and result.path.name == "demo_3steps.safetensors"
 
 
 def test_stop_without_saving_writes_nothing(images, tmp_path) -> None:

@@ -154,7 +154,7 @@ class TrainConfig:
     save_overwrite: bool = _opt3(False, CHECKBOX, EVERY_MODE)
     save_as_json: bool = _opt3(False, CHECKBOX, EVERY_MODE)
     model_v_pred: bool = _opt3(False, CHECKBOX, EVERY_MODE, help="v-prediction model (SD2 768-v, v-pred SDXL).")
-    save_on_stop: bool = _opt3(True, CHECKBOX, EVERY_MODE, help="When a training is interrupted (WebUI Interrupt, Ctrl-C, shutdown), save the LoRA so far as <name>-step<k>.")
+    save_on_stop: bool = _opt3(True, CHECKBOX, EVERY_MODE, help="When a training is interrupted (WebUI Interrupt, Ctrl-C, shutdown), save the LoRA so far as <name>_<k>steps (the copy machine: <name>_copy_<k>steps).")
     use_2nd_pass_settings: bool = setting(
         False, CHECKBOX, (SECOND_PASS_CODE,), section="second pass", help="Stored on the 1st-pass config."
     )

@@ -252,7 +252,7 @@ class LoraWriter:
 
 
 def open_csv_log(ctx: RunContext, config: TrainConfig, stem: str, lr_columns: int) -> CsvLog | None:
-    """The pass's CSV log `logs/<stem>-<date_time>.csv`, when `logging_save_csv` is on."""
+    """The pass's CSV log `logs/<date>/<stem>-<date_time>.csv` (the original's place), when `logging_save_csv` is on."""
     if not config.logging_save_csv:
         return None
     header = {
@@ -265,7 +265,8 @@ def open_csv_log(ctx: RunContext, config: TrainConfig, stem: str, lr_columns: in
         "train_optimizer": config.train_optimizer,
         "save_lora_name": stem,
     }
-    return CsvLog(inside(ctx.dirs.logs, f"{stem}-{ctx.stamp}.csv"), header, lr_columns)
+    day = ctx.stamp.split("_")[0]
+    return CsvLog(inside(ctx.dirs.logs, f"{day}/{stem}-{ctx.stamp}.csv"), header, lr_columns)
 
 
 def train_network(
@@ -311,9 +312,9 @@ def prepared_model(ctx: RunContext, config: TrainConfig) -> Iterator[ModelBundle
 
 
 def finish(ctx: RunContext, writer: LoraWriter, result: LoopResult, *, save_final: bool = True) -> TrainResult:
-    """Save the final (or, when stopped, the `-step<k>`) file and describe the outcome."""
+    """Save the final (or, when stopped, the original's `<stem>_<k>steps`) file and describe the outcome."""
     if result.stopped:
-        path = writer.save(f"-step{result.steps}", result.steps) if ctx.stop.save and result.steps else None
+        path = writer.save(f"_{result.steps}steps", result.steps) if ctx.stop.save and result.steps else None
         message = f"Stopped at step {result.steps}." + (f" Saved {path}" if path else " Nothing saved.")
         return TrainResult(path, result.steps, result.losses, True, writer.saved, message)
     path = writer.save("", result.steps) if save_final else None
