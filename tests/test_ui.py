@@ -208,3 +208,15 @@ def test_status_html_has_a_progress_bar(ui):
     assert 'style="width:25.0%"' in html and "step 5/20" in html and "ETA 0:00:09" in html
     assert "2 job(s) queued" in html and 'data-state="running"' in html
     assert isinstance(gr.HTML(render_status(status)), gr.HTML)
+
+
+def test_queue_table_shows_each_jobs_main_settings(ui, tmp_path, images):
+    """Mode, model, rank, steps and lr per row, as the original's queue table; Difference shows both passes."""
+    from traintrain.ui.status import QUEUE_HEADERS, queue_rows
+
+    ui.queue.add(demo_config(images, 4))
+    ui.queue.add(difference_config(tmp_path))
+    assert QUEUE_HEADERS[:6] == ["Name", "Mode", "Model", "Rank", "Steps", "LR"]
+    demo, diff = queue_rows(ui.queue)
+    assert demo[:7] == ["demo", "LoRA", "(default)", "8", "4", "0.005", "paused"]
+    assert diff[:6] == ["diff", "Difference", "(default)", "32 / 4", "1000", "0.0001"]

@@ -57,7 +57,10 @@ class TrainTrainUI:
             self.save_stop_button = gr.Button("Stop and Save", variant="stop", elem_id="tt_stop_save")
             self.stop_button = gr.Button("Stop without Saving", elem_id="tt_stop")
             self.add_button = gr.Button("Add to Queue", elem_id="tt_add_queue")
-            self.continue_queue = gr.Checkbox(False, label="Continue the queue after Stop", elem_id="tt_stop_continue")
+            self.pause_queue = gr.Checkbox(
+                False, label="Pause the queue on Stop", elem_id="tt_stop_pause",
+                info="Off: the next queued job starts after a Stop, as in the original TrainTrain.",
+            )
             refresh = gr.Button("refresh status", elem_id="tt_status_refresh", elem_classes=["tt-hidden"])
         self.status = gr.HTML(value=self.status_html, every=STATUS_POLL_SECONDS, elem_id="tt_status")
         self.message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tt_message")
@@ -71,8 +74,8 @@ class TrainTrainUI:
         self.add_button.click(shows_errors(self.add), inputs=settings, outputs=[self.message])
         for button, save in ((self.save_stop_button, True), (self.stop_button, False)):
             button.click(
-                lambda go_on, save=save: self.queue.stop(save=save, continue_queue=go_on),
-                inputs=[self.continue_queue],
+                lambda pause, save=save: self.queue.stop(save=save, pause_queue=pause),
+                inputs=[self.pause_queue],
                 outputs=[self.message],
             )
 
