@@ -20,6 +20,7 @@ from traintrain.loop import LoopResult, LoopSettings, run_loop
 from traintrain.models.bundle import BASE_MODEL_VERSION, Conditioning, ModelBundle
 from traintrain.networks.kohya_io import network_from_file, save_network
 from traintrain.networks.kohya_io import training_metadata
+from traintrain.modes.metadata import kohya_settings
 from traintrain.models.targets import TEXT_BLOCK
 from traintrain.networks.network import Network, NetworkSpec
 from traintrain.precision import autocast_dtype, precision_dtype
@@ -198,8 +199,11 @@ def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
 class LoraWriter:
     """Writes a pass's LoRA files into the Lora folder: final, periodic and stop saves, with metadata."""
 
-    def __init__(self, ctx: RunContext, config: TrainConfig, network: Network, stem: str, tags: dict[str, int]):
+    def __init__(
+        self, ctx: RunContext, config: TrainConfig, network: Network, stem: str, tags: dict[str, int], images: int = 0
+    ) -> None:
         self.ctx, self.config, self.network, self.stem, self.tags = ctx, config, network, stem, tags
+        self.images = images  # training images (pairs) for the metadata
         self.saved: list[Path] = []
 
     def save(self, suffix: str, steps: int) -> Path:
@@ -222,25 +226,7 @@ class LoraWriter:
             conv_alpha=spec.conv_alpha,
             base_model_version=BASE_MODEL_VERSION[self.ctx.bundle.kind],
             v_prediction=self.ctx.bundle.prediction == "v",
-            settings={
-                "learning_rate": c.train_learning_rate,
-                "text_encoder_lr": c.train_textencoder_learning_rate or c.train_learning_rate,
-                "max_train_steps": c.train_iterations,
-                "lr_warmup_steps": c.train_lr_warmup_steps,
-                "lr_scheduler": c.train_lr_scheduler,
-                "lr_step_rules": c.train_lr_step_rules,
-                "lr_scheduler_num_cycles": c.train_lr_scheduler_num_cycles,
-                "lr_scheduler_power": c.train_lr_scheduler_power,
-                "optimizer": c.train_optimizer,
-                "seed": c.resolved_seed(),
-                "min_snr_gamma": c.train_snr_gamma,
-                "mixed_precision": c.train_model_precision,
-                "mode": c.mode,
-                "network_type": c.network_type,
-                "network_element": c.network_element,
-                "network_blocks": ",".join(c.network_blocks),
-                "network_strength": c.network_strength,
-            },
+            settings=kohya_settings(c, images=self.images, steps=steps),
             tag_frequency=self.tags,
             started_at=self.ctx.started_at,
             steps=steps,
@@ -277,11 +263,13 @@ def train_network(
     *,
     stem: str,
     tags: dict[str, int] | None = None,
+    images: int = 1,
     phase: str = "",
     save_final: bool = True,
 ) -> TrainResult:
-    """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too)."""
-    writer = LoraWriter(ctx, config, network, stem, tags or {})
+    """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too);
+    `images` is the number of training images (pairs; 0 for prompts only), for the metadata."""
+    writer = LoraWriter(ctx, config, network, stem, tags or {}, images)
     with network.applied():
         csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0)))
         result = run_loop(
