@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from traintrain.config_compat import normalised, with_notes
 from traintrain.jobs import JobQueue, ModelProvider, shared_queue
 from traintrain.modes import OutputDirs
 from traintrain.ui import compat
@@ -87,12 +88,14 @@ class TrainTrainUI:
         return render_status(self.queue.status())
 
     def start(self, *values: Any) -> str:
-        """Start Training: run these settings now (queued jobs follow)."""
-        return self.queue.start(self.params.read(values))
+        """Start Training: run these settings now (queued jobs follow); corrections of the original's values noted."""
+        config, notes = normalised(self.params.read(values))
+        return with_notes(self.queue.start(config), notes)
 
     def add(self, *values: Any) -> str:
-        """Add to Queue: run these settings after the queued jobs."""
-        return self.queue.add(self.params.read(values))
+        """Add to Queue: run these settings after the queued jobs; corrections of the original's values noted."""
+        config, notes = normalised(self.params.read(values))
+        return with_notes(self.queue.add(config), notes)
 
 
 def create_ui(

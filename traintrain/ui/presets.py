@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from traintrain.config import TrainConfig
+from traintrain.config_compat import normalised, with_notes
 from traintrain.errors import TrainTrainError
 from traintrain.files import inside, plain_name
 from traintrain.ui.handlers import shows_errors
@@ -78,13 +79,15 @@ class PresetsPanel:
         self.refresh_button.click(lambda: gr.update(choices=preset_names(self.presets_dir)), outputs=[self.preset])
 
     def load(self, name: str) -> list[Any]:
-        """Widget values of the preset, then the message."""
-        return [*self.params.show(load_preset(self.presets_dir, name)), f"Loaded preset {name}."]
+        """Widget values of the preset (the original's values corrected), then the message with the notes."""
+        config, notes = normalised(load_preset(self.presets_dir, name))
+        return [*self.params.show(config), with_notes(f"Loaded preset {name}.", notes)]
 
     def load_json(self, name: str) -> list[Any]:
-        """Widget values of a saved settings file, then the message."""
+        """Widget values of a saved settings file (the original's values corrected), then the message."""
         path = find_saved_json(self.jsons_dir, name)
-        return [*self.params.show(TrainConfig.load_json(path)), f"Loaded {path}."]
+        config, notes = normalised(TrainConfig.load_json(path))
+        return [*self.params.show(config), with_notes(f"Loaded {path}.", notes)]
 
     def save(self, *values: Any) -> tuple[Any, str]:
         """Save the current settings as a preset (touches nothing else: the queue stays as it is)."""
