@@ -142,7 +142,10 @@ class TrainConfig:
     diff_alt_ratio: float = _opt2(1.0, TEXTBOX, ("A", "M"), help="Below 0: pure-noise odd steps.")
     diff_revert_original_target: bool = _opt2(False, CHECKBOX, ("A", "M"))
     diff_use_diff_mask: bool = _opt2(False, CHECKBOX, ("A", "M"))
-    train_model_precision: str = _opt3("fp16", DROPDOWN, EVERY_MODE, choices=MODEL_PRECISIONS)
+    train_model_precision: str = _opt3(
+        "fp16", DROPDOWN, EVERY_MODE, choices=MODEL_PRECISIONS,
+        help="int8: int8 UNet weights (torchao; standalone UI / CLI), computed in fp16.",
+    )  # fmt: skip
     train_lora_precision: str = _opt3("fp32", DROPDOWN, ALL, choices=LORA_PRECISIONS)
     save_precision: str = _opt3("fp16", DROPDOWN, ALL, choices=SAVE_PRECISIONS)
     train_VAE_precision: str = _opt3("fp32", DROPDOWN, EVERY_MODE, choices=VAE_PRECISIONS)

@@ -17,6 +17,7 @@ from traintrain.csvlog import CsvLog
 from traintrain.diffusion import NoiseSchedule, weighted_loss
 from traintrain.files import free_path, inside, output_path
 from traintrain.loop import LoopResult, LoopSettings, run_loop
+from traintrain.models.int8 import INT8, require_int8
 from traintrain.models.bundle import BASE_MODEL_VERSION, Conditioning, ModelBundle
 from traintrain.networks.kohya_io import network_from_file, save_network
 from traintrain.networks.kohya_io import training_metadata
@@ -291,6 +292,8 @@ def prepared_model(ctx: RunContext, config: TrainConfig) -> Iterator[ModelBundle
 
     The global RNG is seeded first, so VAE encodings (which sample the posterior) are reproducible too."""
     torch.manual_seed(config.resolved_seed())
+    if config.train_model_precision == INT8:
+        require_int8(ctx.bundle)
     with ctx.bundle.training():
         ctx.bundle.set_gradient_checkpointing(config.use_gradient_checkpointing)
         try:
