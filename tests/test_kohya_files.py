@@ -212,3 +212,13 @@ def test_base_model_name_and_hash(tmp_path: Path) -> None:
     assert facts["sd_model_hash"] == hashlib.sha256(model.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
     titled = kohya_settings(dataclasses.replace(config, model="sub/x.safetensors [6ce0161689]"), images=1, steps=1)
     assert titled["sd_model_name"] == "x.safetensors" and "sd_model_hash" not in titled
+
+
+def test_diff_load_1st_pass_finds_pt_files(tmp_path: Path) -> None:
+    from traintrain.modes.difference import find_first_pass_file
+
+    (tmp_path / "Lora" / "sub").mkdir(parents=True)
+    (tmp_path / "Lora" / "sub" / "copier.pt").write_bytes(b"")
+    ctx = RunContext(demo_config(tmp_path, 1), build_tiny("sd1"), OutputDirs(tmp_path / "Lora", tmp_path, tmp_path))
+    assert find_first_pass_file(ctx, "copier") == tmp_path / "Lora" / "sub" / "copier.pt"
+    assert find_first_pass_file(ctx, "copier.pt") == tmp_path / "Lora" / "sub" / "copier.pt"
