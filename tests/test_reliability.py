@@ -64,7 +64,7 @@ def test_stop_saves_the_lora_so_far_as_step_file(images, tmp_path) -> None:
 
     result = run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path), progress, stop))
     assert result.stopped and result.steps == 3
-    assert lora_files(tmp_path) == ["demo-step3.safetensors"] and result.path.name == "demo-step3.safetensors"
+    assert lora_files(tmp_path) == ["demo_3steps.safetensors"] and result.path.name == "demo_3steps.safetensors"
 
 
 def test_stop_without_saving_writes_nothing(images, tmp_path) -> None:
@@ -124,10 +124,15 @@ def test_unwritable_lora_folder_is_a_clear_error(images, tmp_path) -> None:
 
 
 def test_pickled_resume_file_is_refused(images, tmp_path) -> None:
+    """.pt LoRAs are read weights-only: a pickled object that is not a tensor is refused, never built."""
     evil = tmp_path / "evil.pt"
-    torch.save({"x": torch.zeros(1)}, evil)
-    with pytest.raises(TrainTrainError, match="only .safetensors"):
+    torch.save({"x": Path("an object, not a tensor")}, evil)
+    with pytest.raises(TrainTrainError, match="not a readable .pt LoRA"):
         run_training(RunContext(config_for(images, network_resume=str(evil)), build_tiny("sd1"), dirs_in(tmp_path)))
+    ckpt = tmp_path / "x.ckpt"
+    torch.save({"x": torch.zeros(1)}, ckpt)
+    with pytest.raises(TrainTrainError, match="only .safetensors and .pt"):
+        run_training(RunContext(config_for(images, network_resume=str(ckpt)), build_tiny("sd1"), dirs_in(tmp_path)))
 
 
 def test_resume_continues_from_a_saved_lora(images, tmp_path) -> None:

@@ -66,10 +66,10 @@ def test_saved_file_is_a_kohya_lora(trained) -> None:
 
 def test_csv_log_written(trained) -> None:
     tmp, _, _ = trained
-    logs = list((tmp / "logs").glob("demo-*.csv"))
-    assert len(logs) == 1
+    logs = list((tmp / "logs").glob("*/demo-*.csv"))
+    assert len(logs) == 1 and logs[0].parent.name.isdigit() and len(logs[0].parent.name) == 8  # logs/<YYYYMMDD>/
     lines = logs[0].read_text().splitlines()
-    assert lines[8].startswith("Step,Loss,Learning Rate") and len(lines) == 9 + 60
+    assert lines[8].startswith("Step,Loss,Learning Rate") and lines[8].endswith(",Raw Loss") and len(lines) == 9 + 60
     assert [int(line.split(",")[0]) for line in lines[9:]] == list(range(1, 61))  # steps counted from 1
 
 

@@ -57,10 +57,13 @@ def _stop_on_ctrl_c(save: bool):
 
 def _train(config_path: str, model: str | None, out: str | None) -> int:
     from traintrain.config import TrainConfig
+    from traintrain.config_compat import normalised
     from traintrain.models.open import open_model
     from traintrain.modes import RunContext, run_training
 
-    config = TrainConfig.load_json(Path(config_path))
+    config, notes = normalised(TrainConfig.load_json(Path(config_path)))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if model:
         config.model = model
     config.validate()

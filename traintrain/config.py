@@ -142,7 +142,10 @@ class TrainConfig:
     diff_alt_ratio: float = _opt2(1.0, TEXTBOX, ("A", "M"), help="Below 0: pure-noise odd steps.")
     diff_revert_original_target: bool = _opt2(False, CHECKBOX, ("A", "M"))
     diff_use_diff_mask: bool = _opt2(False, CHECKBOX, ("A", "M"))
-    train_model_precision: str = _opt3("fp16", DROPDOWN, EVERY_MODE, choices=MODEL_PRECISIONS)
+    train_model_precision: str = _opt3(
+        "fp16", DROPDOWN, EVERY_MODE, choices=MODEL_PRECISIONS,
+        help="int8: int8 UNet weights (torchao; standalone UI / CLI), computed in fp16.",
+    )  # fmt: skip
     train_lora_precision: str = _opt3("fp32", DROPDOWN, ALL, choices=LORA_PRECISIONS)
     save_precision: str = _opt3("fp16", DROPDOWN, ALL, choices=SAVE_PRECISIONS)
     train_VAE_precision: str = _opt3("fp32", DROPDOWN, EVERY_MODE, choices=VAE_PRECISIONS)
@@ -154,7 +157,7 @@ class TrainConfig:
     save_overwrite: bool = _opt3(False, CHECKBOX, EVERY_MODE)
     save_as_json: bool = _opt3(False, CHECKBOX, EVERY_MODE)
     model_v_pred: bool = _opt3(False, CHECKBOX, EVERY_MODE, help="v-prediction model (SD2 768-v, v-pred SDXL).")
-    save_on_stop: bool = _opt3(True, CHECKBOX, EVERY_MODE, help="When a training is interrupted (WebUI Interrupt, Ctrl-C, shutdown), save the LoRA so far as <name>-step<k>.")
+    save_on_stop: bool = _opt3(True, CHECKBOX, EVERY_MODE, help="When a training is interrupted (WebUI Interrupt, Ctrl-C, shutdown), save the LoRA so far as <name>_<k>steps (the copy machine: <name>_copy_<k>steps).")
     use_2nd_pass_settings: bool = setting(
         False, CHECKBOX, (SECOND_PASS_CODE,), section="second pass", help="Stored on the 1st-pass config."
     )

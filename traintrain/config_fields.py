@@ -46,7 +46,7 @@ LR_SCHEDULERS = (
     "multi_step", "reduce_on_plateau", "cyclic", "one_cycle",
 )  # fmt: skip
 LOSS_FUNCTIONS = ("MSE", "L1", "Smooth-L1")
-MODEL_PRECISIONS = ("model", "fp32", "bf16", "fp16")  # the original's int8 (torchao) is not offered
+MODEL_PRECISIONS = ("model", "fp32", "bf16", "fp16", "int8")  # int8: torchao weight-only UNet (models/int8.py)
 LORA_PRECISIONS = ("fp32", "bf16", "fp16")
 SAVE_PRECISIONS = ("model", "fp32", "bf16", "fp16")
 VAE_PRECISIONS = ("fp32", "bf16", "fp16")

@@ -84,12 +84,33 @@ class OpenModelProvider:
 
 @dataclass(frozen=True)
 class JobEntry:
-    """A row of the queue: the job's save name, mode and state (queued, running, done, stopped, failed)."""
+    """A row of the queue: the job's save name, mode, state (queued, running, done, stopped, failed) and main
+    settings (model, rank, steps, learning rate; "1st / 2nd" pass values where Difference's 2nd pass differs)."""
 
     name: str
     mode: str
     state: str
     message: str = ""
+    model: str = ""
+    rank: str = ""
+    steps: str = ""
+    lr: str = ""
+
+    @classmethod
+    def of(cls, config: TrainConfig, state: str, message: str = "") -> JobEntry:
+        """The row of `config` in `state`."""
+        second = config.second_pass if config.use_2nd_pass_settings else None
+
+        def both(name: str) -> str:
+            first = f"{getattr(config, name):g}"
+            other = f"{getattr(second, name):g}" if second is not None else first
+            return first if other == first else f"{first} / {other}"
+
+        return cls(
+            config.effective_name, config.mode, state, message,
+            model=config.model or "(default)", rank=both("network_rank"),
+            steps=both("train_iterations"), lr=both("train_learning_rate"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -162,19 +183,18 @@ class JobQueue:
             self._changed()
             return f"Running the queue ({len(self._pending)} job(s))."
 
-    def stop(self, save: bool | None = None, continue_queue: bool = False) -> str:
-        """Stop the running job after its current step; the queue pauses unless `continue_queue`.
-
-        `save` None follows the job's 'save on stop'."""
+    def stop(self, save: bool | None = None, pause_queue: bool = False) -> str:
+        """Stop the running job after its current step; the queued jobs go on (as in the original) unless
+        `pause_queue`. `save` None follows the job's 'save on stop'."""
         with self._lock:
             if self._current is None:
                 return "Nothing is training."
-            self._paused = not continue_queue
+            self._paused = pause_queue
             self._changed()
             save = self._current.save_on_stop if save is None else save
             self._stop.request(save=save)
             name, waiting = self._current.effective_name, len(self._pending)
-        after = f" {waiting} queued job(s) " + ("run next." if continue_queue else "wait for Run queue.") if waiting else ""
+        after = f" {waiting} queued job(s) " + ("wait for Run queue." if pause_queue else "run next.") if waiting else ""
         return f"Stopping {name!r}" + (" and saving what it has learned." if save else " without saving.") + after
 
     def remove(self, name: str) -> str:
@@ -195,9 +215,9 @@ class JobQueue:
     def entries(self) -> list[JobEntry]:
         """The running job, then the queued ones in the order they will run."""
         with self._lock:
-            rows = [JobEntry(self._current.effective_name, self._current.mode, "running")] if self._current else []
+            rows = [JobEntry.of(self._current, "running")] if self._current else []
             state = "paused" if self._paused else "queued"
-            return rows + [JobEntry(c.effective_name, c.mode, state) for c in self._pending]
+            return rows + [JobEntry.of(c, state) for c in self._pending]
 
     def status(self) -> QueueStatus:
         """A consistent snapshot for the status line."""
@@ -305,18 +325,18 @@ class JobQueue:
 
     def _run(self, config: TrainConfig) -> JobEntry:
         """Run one job outside the lock; every failure becomes a recorded message."""
-        name, mode = config.effective_name, config.mode
+        name = config.effective_name
         try:
             with self.provider.open(config) as bundle:
                 if self._stop.requested:
-                    return JobEntry(name, mode, "stopped", f"{name}: stopped before training began.")
+                    return JobEntry.of(config, "stopped", f"{name}: stopped before training began.")
                 result = run_training(RunContext(config, bundle, self.dirs, progress=self._publish, stop=self._stop))
         except TrainTrainError as error:
-            return JobEntry(name, mode, "failed", f"{name}: {error}")
+            return JobEntry.of(config, "failed", f"{name}: {error}")
         except Exception as error:  # noqa: BLE001 - any failure ends this job only; the worker goes on
             log.exception("Training %r failed", name)
-            return JobEntry(name, mode, "failed", f"{name}: {_describe_failure(error)}")
-        return JobEntry(name, mode, "stopped" if result.stopped else "done", result.message)
+            return JobEntry.of(config, "failed", f"{name}: {_describe_failure(error)}")
+        return JobEntry.of(config, "stopped" if result.stopped else "done", result.message)
 
     def _publish(self, progress: Progress) -> None:
         with self._lock:

@@ -45,4 +45,4 @@ def train_ileco(ctx: RunContext) -> TrainResult:
             prediction = bundle.predict(latents, timesteps, original)
             return objective.loss(prediction, reference, timesteps)
 
-        return train_network(ctx, config, network, TrainingStep(inputs, loss), stem=config.effective_name)
+        return train_network(ctx, config, network, TrainingStep(inputs, loss), stem=config.effective_name, images=0)

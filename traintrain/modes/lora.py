@@ -86,4 +86,6 @@ def train_lora(ctx: RunContext) -> TrainResult:
 
         step = objective.denoising_step(bundle, draw, generator)
         tags = tag_frequency(dataset.prompts)
-        return train_network(ctx, config, network, step, stem=config.effective_name, tags=tags)
+        return train_network(
+            ctx, config, network, step, stem=config.effective_name, tags=tags, images=len(dataset.prompts)
+        )

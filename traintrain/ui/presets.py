@@ -8,9 +8,11 @@ from typing import Any
 import gradio as gr
 
 from traintrain.config import TrainConfig
+from traintrain.config_compat import normalised, with_notes
 from traintrain.errors import TrainTrainError
 from traintrain.files import inside, plain_name
 from traintrain.ui.handlers import shows_errors
+from traintrain.ui.open_folder import desktop_available, open_folder
 from traintrain.ui.params import ParamsPanel
 
 
@@ -62,6 +64,10 @@ class PresetsPanel:
                 "↻", elem_id="tt_preset_refresh", elem_classes=["tt-tool"], scale=0, min_width=40
             )
             self.json_name = gr.Textbox(label="Saved settings name (jsons/)", elem_id="tt_json_name", scale=3)
+            self.open_button = gr.Button(
+                "📂", elem_id="tt_json_open", elem_classes=["tt-tool"], scale=0, min_width=40,
+                visible=desktop_available(),
+            )  # fmt: skip
             self.json_button = gr.Button("Load settings", elem_id="tt_json_load", scale=1)
 
     def connect(self, params: ParamsPanel, message: Any) -> None:
@@ -76,15 +82,18 @@ class PresetsPanel:
         )
         self.save_button.click(shows_errors(self.save, 1), inputs=settings, outputs=[self.preset, message])
         self.refresh_button.click(lambda: gr.update(choices=preset_names(self.presets_dir)), outputs=[self.preset])
+        self.open_button.click(shows_errors(lambda: open_folder(self.jsons_dir)), outputs=[message])
 
     def load(self, name: str) -> list[Any]:
-        """Widget values of the preset, then the message."""
-        return [*self.params.show(load_preset(self.presets_dir, name)), f"Loaded preset {name}."]
+        """Widget values of the preset (the original's values corrected), then the message with the notes."""
+        config, notes = normalised(load_preset(self.presets_dir, name))
+        return [*self.params.show(config), with_notes(f"Loaded preset {name}.", notes)]
 
     def load_json(self, name: str) -> list[Any]:
-        """Widget values of a saved settings file, then the message."""
+        """Widget values of a saved settings file (the original's values corrected), then the message."""
         path = find_saved_json(self.jsons_dir, name)
-        return [*self.params.show(TrainConfig.load_json(path)), f"Loaded {path}."]
+        config, notes = normalised(TrainConfig.load_json(path))
+        return [*self.params.show(config), with_notes(f"Loaded {path}.", notes)]
 
     def save(self, *values: Any) -> tuple[Any, str]:
         """Save the current settings as a preset (touches nothing else: the queue stays as it is)."""
