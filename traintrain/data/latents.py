@@ -11,6 +11,7 @@ from traintrain.devices import host_values_on
 from traintrain.data.buckets import Bucket
 from traintrain.data.dataset import ImageDataset, Sample
 from traintrain.data.sampler import BucketSampler
+from traintrain.errors import TrainTrainError
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # pixels (B,3,H,W) in [-1,1] → latents (B,4,H/8,W/8)
 
@@ -32,6 +33,16 @@ class BucketLatents:
     latents: torch.Tensor
     prompts: list[str]
     masks: torch.Tensor | None
+
+
+def checked_latents(latents: torch.Tensor) -> torch.Tensor:
+    """`latents` when every value is finite; else an error saying what to change (the SDXL VAE overflows in fp16)."""
+    if not bool(torch.isfinite(latents).all()):
+        raise TrainTrainError(
+            "The VAE encoded an image to NaN / inf latents (SDXL's VAE does in fp16): set 'train VAE precision' to "
+            "fp32 (or bf16), or load a VAE made for fp16 (e.g. sdxl-vae-fp16-fix)."
+        )
+    return latents
 
 
 def _encode(samples: list[Sample], encode: Encoder, batch_size: int) -> BucketLatents:

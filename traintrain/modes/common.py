@@ -22,7 +22,7 @@ from traintrain.networks.kohya_io import network_from_file, save_network
 from traintrain.networks.kohya_io import training_metadata
 from traintrain.models.targets import TEXT_BLOCK
 from traintrain.networks.network import Network, NetworkSpec
-from traintrain.precision import autocast_dtype, precision_dtype
+from traintrain.precision import autocast_dtype, precision_dtype, weight_dtype
 from traintrain.progress import ProgressCallback, StopFlag
 from traintrain.step import StepInputs, TrainingStep, tensors_without_none
 
@@ -300,14 +300,27 @@ def train_network(
 def prepared_model(ctx: RunContext, config: TrainConfig) -> Iterator[ModelBundle]:
     """The model ready for training (frozen, on its device, gradient checkpointing as configured), restored after.
 
-    The global RNG is seeded first, so VAE encodings (which sample the posterior) are reproducible too."""
+    The global RNG is seeded first, so VAE encodings (which sample the posterior) are reproducible too. The VAE
+    encodes in `train VAE precision`; the text is encoded with the run's CLIP skip (see `run_clip_skip`)."""
     torch.manual_seed(config.resolved_seed())
-    with ctx.bundle.training():
-        ctx.bundle.set_gradient_checkpointing(config.use_gradient_checkpointing)
-        try:
-            yield ctx.bundle
-        finally:
-            ctx.bundle.set_gradient_checkpointing(False)
+    bundle = ctx.bundle
+    host = bundle.vae_dtype, bundle.clip_skip
+    bundle.vae_dtype = weight_dtype(config.train_VAE_precision, bundle.device)
+    bundle.clip_skip = run_clip_skip(config, bundle.clip_skip)
+    try:
+        with bundle.training():
+            bundle.set_gradient_checkpointing(config.use_gradient_checkpointing)
+            try:
+                yield bundle
+            finally:
+                bundle.set_gradient_checkpointing(False)
+    finally:
+        bundle.vae_dtype, bundle.clip_skip = host
+
+
+def run_clip_skip(config: TrainConfig, host_clip_skip: int) -> int:
+    """The setting's CLIP skip; left at 1 (its default), the host's own (the WebUI's Clip skip, 1 standalone)."""
+    return config.clip_skip if config.clip_skip != 1 else host_clip_skip
 
 
 def finish(ctx: RunContext, writer: LoraWriter, result: LoopResult, *, save_final: bool = True) -> TrainResult:

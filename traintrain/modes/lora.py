@@ -48,11 +48,12 @@ class PromptCache:
         self._cache: dict[str, Conditioning] = {}
         if not live:
             unique = sorted(set(prompts))
+            tokens = bundle.tokenize(unique)  # one tokenization: every prompt gets the same number of 75-token chunks
             with torch.no_grad():
                 for start in range(0, len(unique), 16):
-                    chunk = unique[start : start + 16]
-                    cond = bundle.encode_text(chunk).detach()
-                    for i, prompt in enumerate(chunk):
+                    part = {name: tensor[start : start + 16] for name, tensor in tokens.items()}
+                    cond = bundle.encode_tokens(part).detach()
+                    for i, prompt in enumerate(unique[start : start + 16]):
                         self._cache[prompt] = cond.select(slice(i, i + 1))
 
     def __call__(self, prompts: list[str]) -> Conditioning | dict[str, torch.Tensor]:
