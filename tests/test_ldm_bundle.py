@@ -74,9 +74,13 @@ def test_same_numbers_and_targets_as_the_diffusers_adapter(kind: str) -> None:
         if cond.pooled is not None:
             torch.testing.assert_close(cond.pooled, expected.pooled, atol=1e-5, rtol=1e-5)
         noisy, timesteps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700])
-        torch.testing.assert_close(
-            bundle.predict(noisy, timesteps, cond), reference.predict(noisy, timesteps, expected), atol=1e-5, rtol=1e-5
-        )
+        plain = bundle.predict(noisy, timesteps, cond)
+        torch.testing.assert_close(plain, reference.predict(noisy, timesteps, expected), atol=1e-5, rtol=1e-5)
+        sizes = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [96.0, 80.0, 16.0, 8.0, 64.0, 64.0]])
+        sized = bundle.predict(noisy, timesteps, cond, sizes)
+        torch.testing.assert_close(sized, reference.predict(noisy, timesteps, expected, sizes), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sized[:1], plain[:1], atol=1e-6, rtol=1e-6)  # the default: uncropped, own size
+        assert (kind == "sdxl") != torch.allclose(sized[1:], plain[1:], atol=1e-4), "only SDXL sees image sizes"
     ours = {t.name: t for t in bundle.lora_targets()}
     theirs = {t.name: t for t in reference.lora_targets()}
     assert ours.keys() == theirs.keys()

@@ -140,6 +140,9 @@ def test_sdxl_time_ids_are_pixel_sizes():
     expected = torch.tensor([[64.0, 48.0, 0.0, 0.0, 64.0, 48.0]] * 2)
     assert torch.equal(seen["time_ids"], expected)
     assert torch.equal(seen["text_embeds"], cond.pooled)
+    sizes = torch.tensor([[1024.0, 768.0, 32.0, 0.0, 64.0, 48.0]] * 2)  # an image's own size and crop
+    bundle.predict(torch.randn(2, 4, 8, 6), torch.tensor([1, 2]), cond, sizes)
+    assert torch.equal(seen["time_ids"], sizes)
 
 
 def test_training_freezes_places_and_restores():

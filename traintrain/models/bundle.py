@@ -116,8 +116,16 @@ class ModelBundle(Protocol):
         """Scaled latents → pixels in [-1,1] (for previews)."""
         ...
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """UNet output for noisy latents at integer timesteps (SDXL size conditioning from the latent size)."""
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet output for noisy latents at integer timesteps. SDXL's size conditioning: `sizes` (B,6) = original
+        height / width, crop top / left, target height / width in pixels; None: an uncropped image of the latents'
+        size. Other models ignore it."""
         ...
 
     def lora_targets(self) -> list[LoraTarget]:

@@ -133,8 +133,15 @@ class DiffusersBundle:
         pixels = vae.decode(latents.to(self.device, self.vae_dtype) / vae.config.scaling_factor).sample
         return pixels.float().clamp(-1.0, 1.0)
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """UNet output in the bundle dtype; SDXL gets its pooled text and pixel-size time ids [h, w, 0, 0, h, w]."""
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet output in the bundle dtype; SDXL gets its pooled text and the time ids `sizes` (default: the latents'
+        pixel size, uncropped: [h, w, 0, 0, h, w])."""
         noisy = noisy_latents.to(self.device, self.dtype)
         added = None
         if self.kind == "sdxl":
@@ -144,7 +151,7 @@ class DiffusersBundle:
             time_ids = self._constants.get(
                 ("time_ids", height, width, len(noisy), self.device, self.dtype),
                 lambda: host_values_on(self.device, [[height, width, 0, 0, height, width]] * len(noisy), self.dtype),
-            )
+            ) if sizes is None else sizes.to(self.device, self.dtype)
             added = {"text_embeds": cond.pooled.to(self.device, self.dtype), "time_ids": time_ids}
         context = cond.context.to(self.device, self.dtype)
         return self.components.unet(noisy, timesteps.to(self.device), context, added_cond_kwargs=added).sample

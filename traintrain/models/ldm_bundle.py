@@ -258,8 +258,15 @@ class LdmBundle:
         pixels = self.vae.decode(latents.to(device, dtype) / self.scale_factor)
         return pixels.float().clamp(-1.0, 1.0)
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """UNet output; SDXL's `y` is TE2's pooled output and the size embeddings of the batch's pixel size."""
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet output; SDXL's `y` is TE2's pooled output and the size embeddings of `sizes` (default: the batch's
+        pixel size, uncropped)."""
         noisy = noisy_latents.to(self.device, self.dtype)
         context = cond.context.to(self.device, self.dtype)
         timesteps = timesteps.to(self.device)
@@ -267,7 +274,8 @@ class LdmBundle:
             return self.unet(noisy, timesteps, context=context)
         if cond.pooled is None:
             raise ValueError("SDXL conditioning needs the pooled text embedding.")
-        vector = torch.cat([cond.pooled.to(self.device), self._size_embedding(noisy)], dim=1)
+        embedded = self._size_embedding(noisy) if sizes is None else self._embed_sizes(sizes.to(self.device).float())
+        vector = torch.cat([cond.pooled.to(self.device), embedded], dim=1)
         return self.unet(noisy, timesteps, context=context, y=vector.to(self.dtype))
 
     def _size_embedding(self, latents: torch.Tensor) -> torch.Tensor:
@@ -276,15 +284,15 @@ class LdmBundle:
         height, width = (side * self._pixels_per_latent for side in latents.shape[-2:])
 
         def build() -> torch.Tensor:
-            values = {"original_size_as_tuple": (height, width), "crop_coords_top_left": (0, 0)}
-            values["target_size_as_tuple"] = (height, width)
-            parts = []
-            for embedder in self.size_embedders:
-                rows = host_values_on(self.device, [values[embedder.input_key]] * len(latents), torch.float32)
-                parts.append(embedder(rows))
-            return torch.cat(parts, dim=1)
+            rows = host_values_on(self.device, [[height, width, 0, 0, height, width]] * len(latents), torch.float32)
+            return self._embed_sizes(rows)
 
         return self._constants.get(("size", height, width, len(latents), self.device), build)
+
+    def _embed_sizes(self, sizes: torch.Tensor) -> torch.Tensor:
+        """The model's size / crop embeddings of `sizes` (B,6): original, crop top-left, target (height, width)."""
+        columns = dict(zip(SIZE_KEYS, sizes.split(2, dim=1)))
+        return torch.cat([embedder(columns[embedder.input_key]) for embedder in self.size_embedders], dim=1)
 
     def lora_targets(self) -> list[LoraTarget]:
         """UNet and text-encoder layers under kohya's names (the same as the diffusers adapter's)."""

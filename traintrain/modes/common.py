@@ -129,8 +129,10 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
 
 
 # A batch source for the denoising objective: step index -> (latents, conditioning or, when the text encoder is
-# trained, the captions' token tensors, mask or None).
-BatchDraw = Callable[[int], tuple[torch.Tensor, "Conditioning | dict[str, torch.Tensor]", "torch.Tensor | None"]]
+# trained, the captions' token tensors, mask or None, SDXL size ids (B,6) or None).
+BatchDraw = Callable[
+    [int], tuple[torch.Tensor, "Conditioning | dict[str, torch.Tensor]", "torch.Tensor | None", "torch.Tensor | None"]
+]
 TOKENS = "tokens_"  # prefix of token tensors among a step's inputs
 
 
@@ -156,16 +158,17 @@ class Objective:
     def denoising_loss(self, bundle: ModelBundle, inputs: StepInputs, cond: Conditioning) -> torch.Tensor:
         """The standard objective on `noised` inputs: predict the noise (or velocity) of the noised latents."""
         latents, noise, timesteps = inputs["latents"], inputs["noise"], inputs["timesteps"]
-        prediction = bundle.predict(self.schedule.add_noise(latents, noise, timesteps), timesteps, cond)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        prediction = bundle.predict(noisy, timesteps, cond, inputs.get("sizes"))
         return self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, inputs.get("mask"))
 
     def denoising_step(self, bundle: ModelBundle, draw: BatchDraw, generator: torch.Generator) -> TrainingStep:
         """A step of the standard objective on the batches `draw` gives: (latents, conditioning or, when the text
-        encoder is trained, the captions' token tensors to encode inside the loss, mask or None)."""
+        encoder is trained, the captions' token tensors to encode inside the loss, mask or None, sizes or None)."""
 
         def inputs(index: int) -> StepInputs:
-            latents, cond, mask = draw(index)
-            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask)
+            latents, cond, mask, sizes = draw(index)
+            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask, sizes=sizes)
             if isinstance(cond, Conditioning):
                 return StepInputs({**tensors, **cond.tensors("cond")})
             return StepInputs({**tensors, **{TOKENS + name: t for name, t in cond.items()}})
