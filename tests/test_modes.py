@@ -102,7 +102,7 @@ def ileco_shifts(
     shift = {p: (lora[p] - base[p]).pow(2).mean().item() for p in lora}
     before = (base[original] - base[target]).pow(2).mean().item()
     after = (lora[original] - base[target]).pow(2).mean().item()
-    return before, after, {p: shift[p] / shift[original] for p in others}
+    return before, after, {p: shift[p] / max(shift[original], 1e-30) for p in others}
 
 
 def every_other_prompt(*used: str) -> list[str]:
