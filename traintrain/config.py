@@ -158,6 +158,10 @@ class TrainConfig:
     save_as_json: bool = _opt3(False, CHECKBOX, EVERY_MODE)
     model_v_pred: bool = _opt3(False, CHECKBOX, EVERY_MODE, help="v-prediction model (SD2 768-v, v-pred SDXL).")
     save_on_stop: bool = _opt3(True, CHECKBOX, EVERY_MODE, help="When a training is interrupted (WebUI Interrupt, Ctrl-C, shutdown), save the LoRA so far as <name>_<k>steps (the copy machine: <name>_copy_<k>steps).")
+    clip_skip: int = _opt3(
+        1, TEXTBOX, EVERY_MODE, help="SD1: condition on the N-th text-encoder layer from the last (anime models: 2). "
+        "1: the last layer, or in the WebUI its own Clip skip setting."
+    )
     use_2nd_pass_settings: bool = setting(
         False, CHECKBOX, (SECOND_PASS_CODE,), section="second pass", help="Stored on the 1st-pass config."
     )
@@ -408,6 +412,11 @@ _RULES: tuple[Rule, ...] = (
     _bound("train_snr_gamma", 0, note=" (0 = off)"),
     _bound("save_per_steps", 0, note=" (0 = only at the end)"),
     _bound("diff_alt_ratio", None),
+    _bound("clip_skip", 1, note=" (1 = the last layer)"),
+    _rule("train_lora_precision train_model_precision",
+          lambda c: c.train_lora_precision != "fp16" or c.train_model_precision not in ("fp16", "model"),
+          "fp16 LoRA weights cannot train under fp16 model precision (the fp16 gradient scaler needs fp32 weights): "
+          "set 'train lora precision' to fp32 or bf16, or 'train model precision' to bf16."),
     _rule("network_resume", lambda c: not c.network_resume.strip() or _is_file(c.network_resume),
           "'network resume' {c.network_resume!r} is not a file: give the full path of a LoRA or leave it empty."),
     (("save_lora_name",), _name_problem),

@@ -46,14 +46,19 @@ def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC)
 
 
+def cover_crop(size: tuple[int, int], bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int]]:
+    """For an image of `size` (width, height): the (width, height) that just covers the bucket with the aspect kept,
+    and the (left, top) of the centred bucket-size crop in it."""
+    width, height = bucket
+    scale = max(width / size[0], height / size[1])
+    covered = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    return covered, ((covered[0] - width) // 2, (covered[1] - height) // 2)
+
+
 def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Resized to just cover the bucket (aspect kept), then centre-cropped to exactly (width, height)."""
-    width, height = bucket
-    scale = max(width / image.width, height / image.height)
-    covered = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = resize(image, covered)
-    left, top = (covered[0] - width) // 2, (covered[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    covered, (left, top) = cover_crop(image.size, bucket)
+    return resize(image, covered).crop((left, top, left + bucket[0], top + bucket[1]))
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:

@@ -24,7 +24,7 @@ from traintrain.networks.kohya_io import training_metadata
 from traintrain.modes.metadata import kohya_settings
 from traintrain.models.targets import TEXT_BLOCK
 from traintrain.networks.network import Network, NetworkSpec
-from traintrain.precision import autocast_dtype, precision_dtype
+from traintrain.precision import autocast_dtype, precision_dtype, weight_dtype
 from traintrain.progress import ProgressCallback, StopFlag
 from traintrain.step import StepInputs, TrainingStep, tensors_without_none
 
@@ -131,8 +131,10 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
 
 
 # A batch source for the denoising objective: step index -> (latents, conditioning or, when the text encoder is
-# trained, the captions' token tensors, mask or None).
-BatchDraw = Callable[[int], tuple[torch.Tensor, "Conditioning | dict[str, torch.Tensor]", "torch.Tensor | None"]]
+# trained, the captions' token tensors, mask or None, SDXL size ids (B,6) or None).
+BatchDraw = Callable[
+    [int], tuple[torch.Tensor, "Conditioning | dict[str, torch.Tensor]", "torch.Tensor | None", "torch.Tensor | None"]
+]
 TOKENS = "tokens_"  # prefix of token tensors among a step's inputs
 
 
@@ -158,16 +160,17 @@ class Objective:
     def denoising_loss(self, bundle: ModelBundle, inputs: StepInputs, cond: Conditioning) -> torch.Tensor:
         """The standard objective on `noised` inputs: predict the noise (or velocity) of the noised latents."""
         latents, noise, timesteps = inputs["latents"], inputs["noise"], inputs["timesteps"]
-        prediction = bundle.predict(self.schedule.add_noise(latents, noise, timesteps), timesteps, cond)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        prediction = bundle.predict(noisy, timesteps, cond, inputs.get("sizes"))
         return self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, inputs.get("mask"))
 
     def denoising_step(self, bundle: ModelBundle, draw: BatchDraw, generator: torch.Generator) -> TrainingStep:
         """A step of the standard objective on the batches `draw` gives: (latents, conditioning or, when the text
-        encoder is trained, the captions' token tensors to encode inside the loss, mask or None)."""
+        encoder is trained, the captions' token tensors to encode inside the loss, mask or None, sizes or None)."""
 
         def inputs(index: int) -> StepInputs:
-            latents, cond, mask = draw(index)
-            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask)
+            latents, cond, mask, sizes = draw(index)
+            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask, sizes=sizes)
             if isinstance(cond, Conditioning):
                 return StepInputs({**tensors, **cond.tensors("cond")})
             return StepInputs({**tensors, **{TOKENS + name: t for name, t in cond.items()}})
@@ -290,16 +293,29 @@ def train_network(
 def prepared_model(ctx: RunContext, config: TrainConfig) -> Iterator[ModelBundle]:
     """The model ready for training (frozen, on its device, gradient checkpointing as configured), restored after.
 
-    The global RNG is seeded first, so VAE encodings (which sample the posterior) are reproducible too."""
+    The global RNG is seeded first, so VAE encodings (which sample the posterior) are reproducible too. The VAE
+    encodes in `train VAE precision`; the text is encoded with the run's CLIP skip (see `run_clip_skip`)."""
     torch.manual_seed(config.resolved_seed())
     if config.train_model_precision == INT8:
         require_int8(ctx.bundle)
-    with ctx.bundle.training():
-        ctx.bundle.set_gradient_checkpointing(config.use_gradient_checkpointing)
-        try:
-            yield ctx.bundle
-        finally:
-            ctx.bundle.set_gradient_checkpointing(False)
+    bundle = ctx.bundle
+    host = bundle.vae_dtype, bundle.clip_skip
+    bundle.vae_dtype = weight_dtype(config.train_VAE_precision, bundle.device)
+    bundle.clip_skip = run_clip_skip(config, bundle.clip_skip)
+    try:
+        with bundle.training():
+            bundle.set_gradient_checkpointing(config.use_gradient_checkpointing)
+            try:
+                yield bundle
+            finally:
+                bundle.set_gradient_checkpointing(False)
+    finally:
+        bundle.vae_dtype, bundle.clip_skip = host
+
+
+def run_clip_skip(config: TrainConfig, host_clip_skip: int) -> int:
+    """The setting's CLIP skip; left at 1 (its default), the host's own (the WebUI's Clip skip, 1 standalone)."""
+    return config.clip_skip if config.clip_skip != 1 else host_clip_skip
 
 
 def finish(ctx: RunContext, writer: LoraWriter, result: LoopResult, *, save_final: bool = True) -> TrainResult:

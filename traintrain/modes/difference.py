@@ -52,7 +52,7 @@ def _reproduce(
     bundle: ModelBundle, objective: Objective, generator: torch.Generator, latents: torch.Tensor, cond: Conditioning
 ) -> TrainingStep:
     """A step that teaches the model to denoise `latents` (standard ε / v objective)."""
-    return objective.denoising_step(bundle, lambda _index: (latents, cond, None), generator)
+    return objective.denoising_step(bundle, lambda _index: (latents, cond, None, None), generator)
 
 
 def train_difference(ctx: RunContext) -> TrainResult:
