@@ -75,7 +75,7 @@ def test_stop_without_saving_writes_nothing(images, tmp_path) -> None:
 
 
 def test_nan_stops_with_a_message_and_keeps_the_last_good_save(images, tmp_path) -> None:
-    config = config_for(images, train_learning_rate=1e6, save_per_steps=1, train_optimizer="SGDNesterov")
+    config = config_for(images, train_learning_rate=10, network_alpha=1024, save_per_steps=1, train_optimizer="SGDNesterov")
     with pytest.raises(TrainTrainError, match=r"(NaN|nan|inf).*step \d+"):
         run_training(RunContext(config, build_tiny("sd1"), dirs_in(tmp_path)))
     saved = lora_files(tmp_path)
@@ -105,13 +105,20 @@ def test_out_of_memory_is_a_clear_message(images, tmp_path, monkeypatch) -> None
     assert result.path.exists(), "the next job runs normally"
 
 
-def test_disk_full_leaves_no_partial_file(images, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("raised_by", ["safetensors", "os"])
+def test_disk_full_leaves_no_partial_file(images, tmp_path, monkeypatch, raised_by) -> None:
+    import traintrain.files as files
+
+    real_save = files.save_file
+
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if raised_by == "os":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, "/dev/full", metadata=metadata)  # the real SafetensorError of a full disk
 
-    monkeypatch.setattr(kohya_io, "save_file", full_disk)
-    with pytest.raises(TrainTrainError, match="No space left on device"):
+    monkeypatch.setattr(files, "save_file", full_disk)
+    with pytest.raises(TrainTrainError, match=r"the disk is full \(No space left on device\)\. Free some space"):
         run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path)))
     assert lora_files(tmp_path) == [], "neither the final file nor a temp file is left behind"
 

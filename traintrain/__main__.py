@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from traintrain.errors import TrainTrainError
+from traintrain.progress import console_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,23 +20,6 @@ def _dirs(out: str | None):
 
     lora = Path(out) if out else ROOT / "output"
     return OutputDirs(lora=lora, logs=ROOT / "logs", jsons=ROOT / "jsons")
-
-
-def _tqdm_progress():
-    from tqdm import tqdm
-
-    bar: dict[str, tqdm] = {}
-
-    def update(p) -> None:
-        if p.phase not in bar:
-            bar[p.phase] = tqdm(total=p.total, desc=p.phase or "training", unit="step", dynamic_ncols=True)
-        b = bar[p.phase]
-        b.update(p.step - b.n)
-        b.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}")
-        if p.step >= p.total:
-            b.close()
-
-    return update
 
 
 def _stop_on_ctrl_c(save: bool):
@@ -68,7 +52,7 @@ def _train(config_path: str, model: str | None, out: str | None) -> int:
         config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
     )
     stop = _stop_on_ctrl_c(config.save_on_stop)
-    result = run_training(RunContext(config, bundle, _dirs(out), progress=_tqdm_progress(), stop=stop))
+    result = run_training(RunContext(config, bundle, _dirs(out), progress=console_progress(), stop=stop))
     print(result.message)
     print(f"first loss {result.first_loss:.5f}, last loss {result.last_loss:.5f}, steps {result.steps}")
     return 0
@@ -82,7 +66,7 @@ def _demo(out: str | None, iterations: int) -> int:
     with tempfile.TemporaryDirectory(prefix="traintrain-demo-") as tmp:
         config = demo_config(write_sample_images(Path(tmp) / "images"), iterations)
         bundle = open_model("tiny", precision=config.train_model_precision)
-        result = run_training(RunContext(config, bundle, _dirs(out), progress=_tqdm_progress()))
+        result = run_training(RunContext(config, bundle, _dirs(out), progress=console_progress()))
     print(f"first loss {result.first_loss:.5f}, last loss {result.last_loss:.5f} ({result.steps} steps)")
     print(f"saved {result.path}")
     return 0

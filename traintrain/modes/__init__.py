@@ -7,7 +7,7 @@ import logging
 from typing import Callable
 
 from traintrain.config import TrainConfig
-from traintrain.files import atomic_write_text, inside, output_path
+from traintrain.files import atomic_write_text, inside, output_path, remove_stale_temp_files
 from traintrain.modes.common import OutputDirs, RunContext, TrainResult
 from traintrain.optim import check_optimizer, check_scheduler
 
@@ -26,6 +26,7 @@ def run_training(ctx: RunContext) -> TrainResult:
             check_scheduler(settings.train_lr_scheduler, settings.train_lr_scheduler_settings, settings.train_lr_step_rules)
     first_pass_only = config.mode == "Difference" and config.diff_1st_pass_only
     final_stem = config.effective_name + ("_copy" if first_pass_only else "")
+    remove_stale_temp_files(ctx.dirs.lora)
     output_path(ctx.dirs.lora, final_stem, ".safetensors", config.save_overwrite)
     if config.save_as_json:
         day = ctx.stamp.split("_")[0]
