@@ -161,3 +161,78 @@ def test_queue_file_written_by_the_queue_reads_back(tmp_path) -> None:
         assert [e.name for e in queue.entries()] == ["a"] and "wait in the queue" in queue.status().message
     finally:
         queue.close()
+
+
+# ----- data: one bad entry never ends the run; high-bit-depth images keep their brightness
+
+
+def test_an_image_with_a_very_long_name_trains(tmp_path) -> None:
+    from traintrain.data.dataset import load_image_dataset
+    from traintrain.data.options import DataOptions
+    from traintrain.demo import write_sample_images
+
+    folder = write_sample_images(tmp_path / "images")
+    count = len(list(folder.glob("*.png")))
+    long_stem = "x" * 250  # 254 bytes with ".png": allowed; its ".caption" sibling (258 bytes) cannot exist
+    sorted(folder.glob("*.png"))[0].rename(folder / f"{long_stem}.png")
+    dataset = load_image_dataset(folder, DataOptions(image_size=(64, 64), min_length=64, trigger_word="sks"))
+    assert len(dataset.prompts) == count and "sks" in dataset.prompts, "the long-named image trains, uncaptioned"
+
+
+def test_an_unreadable_caption_warns_and_the_image_trains_without_it(tmp_path, caplog, monkeypatch) -> None:
+    from traintrain.data.captions import read_caption
+
+    (tmp_path / "a.txt").write_text("locked")
+    real_read = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.suffix == ".txt":
+            raise PermissionError(13, "Permission denied")
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert read_caption(tmp_path / "a.png") == ""
+    assert "without its caption" in caplog.text and "Permission denied" in caplog.text
+
+
+def gray_ramp(tmp_path: Path, name: str, array) -> Path:
+    from PIL import Image
+
+    path = tmp_path / name
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "peak", "dtype"), [("ramp16.png", 65535, "uint16"), ("ramp01.tiff", 1.0, "float32"), ("ramp255.tiff", 255.0, "float32")]
+)
+def test_high_bit_depth_and_float_images_keep_their_brightness(tmp_path, name, peak, dtype) -> None:
+    import numpy as np
+
+    from traintrain.data.images import load_image
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    path = gray_ramp(tmp_path, name, (ramp * peak).astype(dtype))
+    pixels = np.asarray(load_image(path), dtype=np.float64)
+    assert pixels.shape == (64, 64, 3)
+    assert abs(pixels.mean() - 127.5) < 1.5, "mid grey on average, not white or black"
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+@pytest.mark.parametrize("values", [[-1.0, 0.5], [0.0, 1000.0], [0.0, float("nan")]])
+def test_float_images_without_an_8_bit_meaning_are_skipped_with_a_warning(tmp_path, caplog, values) -> None:
+    import numpy as np
+
+    from traintrain.data.images import load_image
+
+    path = gray_ramp(tmp_path, "hdr.tiff", np.array([values] * 8, dtype=np.float32))
+    assert load_image(path) is None
+    assert "Skipping" in caplog.text and "hdr.tiff" in caplog.text
+
+
+@pytest.mark.parametrize("path", ["a" * 300, "x/" + "b" * 300 + "/y", "nul\x00byte", "   "])
+def test_impossible_paths_in_settings_are_messages(tmp_path, path) -> None:
+    config = TrainConfig(network_resume=path, lora_data_directory=path, save_lora_name="x")
+    problems = "\n".join(config.problems())
+    assert "'lora data directory'" in problems
+    assert path.strip() == "" or "'network resume'" in problems

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from traintrain.errors import TrainTrainError
-from traintrain.files import atomic_path, inside
+from traintrain.files import atomic_path, inside, is_dir
 
 SIDES = ("none", "right", "left", "top", "bottom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -99,7 +99,7 @@ def augment_file(path: Path, out_dir: Path, settings: AugmentSettings) -> list[P
 def augment_folder(folder: Path, settings: AugmentSettings) -> list[Path]:
     """Variants of every image in `folder` (not recursive), written to `<folder>/modified/`."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not is_dir(folder):
         raise TrainTrainError(f"{folder} is not a folder: give the folder that holds the images.")
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:

@@ -48,7 +48,7 @@ from traintrain.config_fields import (
     sanitize_name,
 )
 from traintrain.errors import TrainTrainError
-from traintrain.files import atomic_write_text, read_json
+from traintrain.files import atomic_write_text, is_dir, is_file, read_json
 
 log = logging.getLogger(__name__)
 
@@ -315,14 +315,6 @@ def _read_values(
     return values
 
 
-def _is_dir(path: str) -> bool:
-    return bool(path.strip()) and Path(path).is_dir()
-
-
-def _is_file(path: str) -> bool:
-    return bool(path.strip()) and Path(path).is_file()
-
-
 def _step_rules_problem(c: TrainConfig) -> str:
     if not c.train_lr_step_rules.strip():
         needed = c.train_lr_scheduler == "piecewise_constant"
@@ -432,16 +424,16 @@ _RULES: tuple[Rule, ...] = (
     _bound("train_snr_gamma", 0, MAX_FACTOR, note=" (0 = off)"),
     _bound("save_per_steps", 0, MAX_STEPS, note=" (0 = only at the end)"),
     _bound("diff_alt_ratio", -MAX_FACTOR, MAX_FACTOR),
-    _rule("network_resume", lambda c: not c.network_resume.strip() or _is_file(c.network_resume),
+    _rule("network_resume", lambda c: not c.network_resume.strip() or is_file(c.network_resume),
           "'network resume' {c.network_resume!r} is not a file: give the full path of a LoRA or leave it empty."),
     (("save_lora_name",), _name_problem),
-    _needs(("LoRA", "Multi-ADDifT"), "lora_data_directory", _is_dir,
+    _needs(("LoRA", "Multi-ADDifT"), "lora_data_directory", is_dir,
            "'lora data directory' {c.lora_data_directory!r} is not a folder: {c.mode} trains on the images in it."),
     _needs(("Multi-ADDifT",), "diff_target_name", str.strip,
            "Multi-ADDifT needs a 'diff target name': the suffix of the target images, e.g. _closed_eyes."),
     _needs(("iLECO",), "original_prompt", str.strip, "iLECO needs an Original Prompt: the concept to change."),
-    _needs(("Difference", "ADDifT"), "original_image", _is_file,
+    _needs(("Difference", "ADDifT"), "original_image", is_file,
            "{c.mode} needs an Original Image: {c.original_image!r} is not an image file."),
-    _needs(("Difference", "ADDifT"), "target_image", _is_file,
+    _needs(("Difference", "ADDifT"), "target_image", is_file,
            "{c.mode} needs a Target Image: {c.target_image!r} is not an image file."),
 )  # fmt: skip

@@ -165,6 +165,25 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return Path(path)
 
 
+def is_file(path: str | Path) -> bool:
+    """Whether `path` names an existing file; False (never an error) for a blank, too long or otherwise impossible path."""
+    return _stat_test(path, Path.is_file)
+
+
+def is_dir(path: str | Path) -> bool:
+    """Whether `path` names an existing folder; False (never an error) for a blank, too long or impossible path."""
+    return _stat_test(path, Path.is_dir)
+
+
+def _stat_test(path: str | Path, test: Any) -> bool:
+    if not str(path).strip():
+        return False
+    try:
+        return bool(test(Path(path).expanduser()))
+    except (OSError, ValueError):  # ENAMETOOLONG, a NUL byte, an unreadable parent: it cannot be used
+        return False
+
+
 def plain_name(name: str, hint: str) -> str:
     """`name` when it is a plain file name (no folders, no `..`, no glob characters); else a TrainTrainError + `hint`."""
     if not name or any(c in name for c in "/\\*?[]") or ".." in name:

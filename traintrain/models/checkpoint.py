@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from traintrain.errors import TrainTrainError
+from traintrain.files import is_dir, is_file
 from traintrain.models.bundle import ModelKind, Prediction
 from traintrain.models.diffusers_backend import Components
 from traintrain.models.ldm_convert import TEXT_ENCODER_SLOTS, UNET_PREFIX, V_PRED_KEY, VAE_PREFIX
@@ -297,7 +298,7 @@ def _components_from_folder(folder: Path, dtype: torch.dtype) -> Components:
 def load_vae_file(path: Path | str, config_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A separate VAE file (LDM keys with or without `first_stage_model.`, or diffusers keys) for `config_dir`'s VAE."""
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise TrainTrainError(f"The VAE file {path} does not exist: check the path or leave the VAE empty.")
     tensors = read_state_dict(path)
     if any(key.startswith(VAE_PREFIX) for key in tensors):
@@ -319,7 +320,7 @@ def load_checkpoint(
     """Components of a single-file checkpoint or diffusers folder, offline. `config_dir` defaults to the shipped config
     of the detected kind; `v_pred` True/False forces the prediction type, None takes a `v_pred` key or the config's."""
     path = Path(path)
-    if not path.exists():
+    if not (is_file(path) or is_dir(path)):
         raise TrainTrainError(f"The model {path} does not exist: check the path.")
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -9,6 +9,7 @@ import torch
 
 from traintrain.config import TrainConfig, sanitize_name
 from traintrain.errors import TrainTrainError
+from traintrain.files import is_file
 from traintrain.models.bundle import Conditioning, ModelBundle
 from traintrain.modes.common import (
     Objective,
@@ -35,7 +36,7 @@ def second_pass_config(config: TrainConfig) -> TrainConfig:
 def find_first_pass_file(ctx: RunContext, name: str) -> Path:
     """`diff load 1st pass`: a path, or a file name searched recursively in the Lora folder (.safetensors added)."""
     direct = Path(name)
-    if direct.suffix == ".safetensors" and direct.is_file():
+    if direct.suffix == ".safetensors" and is_file(direct):
         return direct
     stem = sanitize_name(Path(name).stem if name.endswith(".safetensors") else name)
     for path in sorted(Path(ctx.dirs.lora).rglob(f"{stem}.safetensors")):

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from traintrain.errors import TrainTrainError
-from traintrain.files import save_safetensors
+from traintrain.files import is_file, save_safetensors
 from traintrain.models.bundle import LoraTarget
 from traintrain.networks.kohya_check import LOHA_KEYS, module_kind_rank_alpha
 from traintrain.networks.modules import ADAPTERS, AdapterModule, LoHaModule, LoRAModule
@@ -59,7 +59,7 @@ def read_network_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise TrainTrainError(f"{path.name}: only .safetensors LoRA files can be loaded (no pickled .pt/.ckpt).")
-    if not path.is_file():
+    if not is_file(path):
         raise TrainTrainError(f"LoRA file not found: {path}.")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

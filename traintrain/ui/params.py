@@ -23,7 +23,7 @@ from traintrain.config_fields import (
     FieldSpec,
 )
 from traintrain.errors import TrainTrainError
-from traintrain.files import atomic_path
+from traintrain.files import atomic_path, is_file
 from traintrain.ui.compat import image_input
 
 Choices = Callable[[], list[str]]
@@ -185,7 +185,7 @@ def _parse(raw: dict[str, Any], problems: list[str], prefix: str) -> dict[str, A
 def _raw(spec: FieldSpec, value: Any) -> Any:
     if spec.widget != IMAGE:
         return spec.raw(value)
-    if not value or not Path(value).is_file():
+    if not is_file(value or ""):
         return None
     try:
         with Image.open(value) as image:

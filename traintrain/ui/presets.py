@@ -9,7 +9,7 @@ import gradio as gr
 
 from traintrain.config import TrainConfig
 from traintrain.errors import TrainTrainError
-from traintrain.files import inside, plain_name
+from traintrain.files import inside, is_file, plain_name
 from traintrain.ui.handlers import shows_errors
 from traintrain.ui.params import ParamsPanel
 
@@ -30,7 +30,7 @@ def load_preset(presets_dir: Path, name: str) -> TrainConfig:
     if not name:
         raise TrainTrainError("Choose a preset first.")
     path = inside(Path(presets_dir), f"{_plain(name)}.json")
-    if not path.is_file():
+    if not is_file(path):
         raise TrainTrainError(f"No preset {name!r} in {presets_dir}: press refresh to update the list.")
     return TrainConfig.load_json(path)
 
