@@ -22,9 +22,9 @@ def _dirs(out: str | None):
     return OutputDirs(lora=lora, logs=ROOT / "logs", jsons=ROOT / "jsons")
 
 
-def _stop_on_ctrl_c(save: bool):
-    """A stop flag the first Ctrl-C sets (the run stops after its step, saving what it has when `save`); a second one
-    aborts."""
+def _stop_on_signals(save: bool):
+    """A stop flag the first Ctrl-C or SIGTERM sets (the run stops after its step, saving what it has when `save`);
+    a second one aborts. Installed before the model loads, so a signal while loading also ends with a message."""
     from traintrain.progress import StopFlag
 
     stop = StopFlag()
@@ -36,6 +36,7 @@ def _stop_on_ctrl_c(save: bool):
         stop.request(save=save)
 
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
     return stop
 
 
@@ -43,15 +44,19 @@ def _train(config_path: str, model: str | None, out: str | None) -> int:
     from traintrain.config import TrainConfig
     from traintrain.models.open import open_model
     from traintrain.modes import RunContext, run_training
+    from traintrain.preflight import check_before_model
 
     config = TrainConfig.load_json(Path(config_path))
     if model:
         config.model = model
-    config.validate()
+    check_before_model(config, model_files=True)
+    stop = _stop_on_signals(config.save_on_stop)
     bundle = open_model(
         config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
     )
-    stop = _stop_on_ctrl_c(config.save_on_stop)
+    if stop.requested:
+        print("Stopped while loading the model: nothing was trained.", file=sys.stderr)
+        return 130
     result = run_training(RunContext(config, bundle, _dirs(out), progress=console_progress(), stop=stop))
     print(result.message)
     print(f"first loss {result.first_loss:.5f}, last loss {result.last_loss:.5f}, steps {result.steps}")
@@ -95,15 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     add_bench_arguments(sub.add_parser("bench", help="time the real LoRA / iLECO step against a bare reference step"))
     ui = sub.add_parser("ui", help="serve the TrainTrain UI in a browser (standalone gradio)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ui.add_argument("--auth", help="user:password to log in with (required with a --host other than this machine)")
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--model", default="tiny", help="what an empty Model box trains: checkpoint, diffusers folder or tiny")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "ui":
-            from traintrain.ui.standalone import launch
+            from traintrain.ui.standalone import launch, parse_auth
 
-            launch(args.host, args.port, args.model)
+            launch(args.host, args.port, args.model, auth=parse_auth(args.auth) if args.auth else None)
             return 0
         if args.command == "bench":
             return _bench(args)
@@ -113,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainTrainError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("Aborted: nothing more was saved.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -214,14 +214,16 @@ class TrainConfig:
             self._seed = secrets.randbelow(2**32)
         return self._seed
 
-    def problems(self) -> list[str]:
-        """Every problem of these settings (2nd pass included), one sentence each; empty when all is well."""
+    def problems(self, unreadable: frozenset[str] = frozenset()) -> list[str]:
+        """Every problem of these settings (2nd pass included), one sentence each; empty when all is well.
+
+        `unreadable`: fields whose value could not be read (they hold defaults): the checks reading them are skipped."""
         typed = {spec.name: spec.type_problem(getattr(self, spec.name)) for spec in FIELDS}
         found = [problem for problem in typed.values() if problem]
-        bad = {name for name, problem in typed.items() if problem}
+        bad = {name for name, problem in typed.items() if problem} | unreadable
         found += [problem for names, check in _RULES if bad.isdisjoint(names) and (problem := check(self))]
         if self.second_pass is not None:
-            found += [f"2nd pass: {p}" for p in self.second_pass.problems() if p not in found]
+            found += [f"2nd pass: {p}" for p in self.second_pass.problems(unreadable) if p not in found]
         return found
 
     def validate(self) -> None:

@@ -140,6 +140,19 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def check_writable(folder: Path) -> None:
+    """Raise a TrainTrainError now (not after hours of training) when files cannot be created in `folder`."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".traintrain-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise TrainTrainError(
+            f"Cannot write into {folder}: {error.strerror or error}. Fix its permissions or free space first."
+        ) from error
+
+
 def read_json(path: Path, what: str) -> Any:
     """The JSON value in `path`; a missing, unreadable, invalid or absurdly nested file is a TrainTrainError."""
     try:

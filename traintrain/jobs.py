@@ -21,6 +21,7 @@ from traintrain.errors import TrainTrainError
 from traintrain.files import atomic_write_text, read_json, remove_stale_temp_files
 from traintrain.models.bundle import ModelBundle
 from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.preflight import check_before_model
 from traintrain.previews import PREVIEW_BUSY, PreviewRequest
 from traintrain.progress import Progress, ProgressCallback, StopFlag, console_progress
 
@@ -31,7 +32,9 @@ HISTORY = 50  # finished jobs kept in status().results
 
 
 class ModelProvider(Protocol):
-    """Opens the model a job trains on; the WebUI's adapter also takes the WebUI's generation lock inside `open`."""
+    """Opens the model a job trains on; the WebUI's adapter also takes the WebUI's generation lock inside `open`.
+
+    A provider whose Model and VAE settings are paths sets `model_files = True`: they are checked before queueing."""
 
     def open(self, config: TrainConfig) -> ContextManager[ModelBundle]:
         """The model for `config`, ready until the context ends."""
@@ -45,6 +48,8 @@ class ModelProvider(Protocol):
 
 class OpenModelProvider:
     """Standalone provider: `open_model` on the config's model (or `default_model`), reused while the choice stays."""
+
+    model_files = True  # the Model and VAE boxes hold paths, checked before a job is queued
 
     def __init__(self, default_model: str = "tiny") -> None:
         self.default_model = default_model
@@ -251,7 +256,7 @@ class JobQueue:
     # ----- internals (called with the lock held unless said otherwise)
 
     def _admit(self, config: TrainConfig) -> str:
-        config.validate()
+        check_before_model(config, model_files=getattr(self.provider, "model_files", False))
         name = config.effective_name
         busy = [c.effective_name for c in self._pending] + ([self._current.effective_name] if self._current else [])
         if name in busy:

@@ -11,6 +11,7 @@ from traintrain.jobs import JobQueue, ModelProvider, shared_queue
 from traintrain.modes import OutputDirs
 from traintrain.ui import compat
 from traintrain.ui.handlers import shows_errors
+from traintrain.ui.inputs import flag
 from traintrain.ui.image_panel import ImagePanel
 from traintrain.ui.params import Choices, ParamsPanel
 from traintrain.ui.plot_panel import PlotPanel
@@ -70,11 +71,8 @@ class TrainTrainUI:
         self.start_button.click(shows_errors(self.start), inputs=settings, outputs=[self.message])
         self.add_button.click(shows_errors(self.add), inputs=settings, outputs=[self.message])
         for button, save in ((self.save_stop_button, True), (self.stop_button, False)):
-            button.click(
-                lambda go_on, save=save: self.queue.stop(save=save, continue_queue=go_on),
-                inputs=[self.continue_queue],
-                outputs=[self.message],
-            )
+            stop = shows_errors(lambda go_on, save=save: self.stop(save, go_on))
+            button.click(stop, inputs=[self.continue_queue], outputs=[self.message])
 
     def _build_previews(self) -> None:
         self.previews = PreviewPanel()
@@ -86,6 +84,10 @@ class TrainTrainUI:
     def start(self, *values: Any) -> str:
         """Start Training: run these settings now (queued jobs follow)."""
         return self.queue.start(self.params.read(values))
+
+    def stop(self, save: bool, continue_queue: Any) -> str:
+        """Stop and Save / Stop without Saving: end the running job after its step."""
+        return self.queue.stop(save=save, continue_queue=flag(continue_queue, "Continue the queue after Stop"))
 
     def add(self, *values: Any) -> str:
         """Add to Queue: run these settings after the queued jobs."""
