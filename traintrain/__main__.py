@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from traintrain.errors import TrainTrainError
-from traintrain.progress import console_progress
+from traintrain.progress import StopFlag, console_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,11 +24,10 @@ def _dirs(out: str | None):
     return OutputDirs(lora=lora, logs=ROOT / "logs", jsons=ROOT / "jsons")
 
 
-def _stop_on_signals(save: bool):
+@contextlib.contextmanager
+def _stop_on_signals(save: bool) -> Iterator[StopFlag]:
     """A stop flag the first Ctrl-C or SIGTERM sets (the run stops after its step, saving what it has when `save`);
-    a second one aborts. Installed before the model loads, so a signal while loading also ends with a message."""
-    from traintrain.progress import StopFlag
-
+    a second one aborts. Held while the model loads too, so a signal then also ends with a message."""
     stop = StopFlag()
 
     def handler(_signum, _frame) -> None:
@@ -35,9 +36,12 @@ def _stop_on_signals(save: bool):
         print("\nStopping after this step (Ctrl-C again to abort)…", file=sys.stderr)
         stop.request(save=save)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def _train(config_path: str, model: str | None, out: str | None) -> int:
@@ -50,14 +54,14 @@ def _train(config_path: str, model: str | None, out: str | None) -> int:
     if model:
         config.model = model
     check_before_model(config, model_files=True)
-    stop = _stop_on_signals(config.save_on_stop)
-    bundle = open_model(
-        config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
-    )
-    if stop.requested:
-        print("Stopped while loading the model: nothing was trained.", file=sys.stderr)
-        return 130
-    result = run_training(RunContext(config, bundle, _dirs(out), progress=console_progress(), stop=stop))
+    with _stop_on_signals(config.save_on_stop) as stop:
+        bundle = open_model(
+            config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
+        )
+        if stop.requested:
+            print("Stopped while loading the model: nothing was trained.", file=sys.stderr)
+            return 130
+        result = run_training(RunContext(config, bundle, _dirs(out), progress=console_progress(), stop=stop))
     print(result.message)
     print(f"first loss {result.first_loss:.5f}, last loss {result.last_loss:.5f}, steps {result.steps}")
     return 0
