@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -20,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def page_assets() -> tuple[str, str]:
-    """The extension's `style.css` and `javascript/traintrain.js` as (css, head HTML) for a standalone page."""
+    """The extension's `style.css` and every `javascript/*.js` (as the WebUI loads them) as (css, head HTML)."""
     css = (ROOT / "style.css").read_text(encoding="utf-8")
-    script = (ROOT / "javascript" / "traintrain.js").read_text(encoding="utf-8")
-    return css, f"<script>{script}</script>"
+    scripts = sorted((ROOT / "javascript").glob("*.js"))
+    return css, "".join(f"<script>{path.read_text(encoding='utf-8')}</script>" for path in scripts)
 
 
 def parse_auth(text: str) -> tuple[str, str]:
@@ -78,8 +79,9 @@ def launch(
     )  # fmt: skip
     compat.add_head_to_pages(head)
     compat.enable_queue(ui.blocks)
-    if block:
-        signal.signal(signal.SIGTERM, _interrupt_main_thread)  # shut down like Ctrl-C: the server closes, then …
+    if block:  # Ctrl-C and SIGTERM: the server closes at once (open pages or not), then …
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, partial(_shut_down, ui.blocks))
     ui.blocks.launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, auth=auth, **compat.launch_options(css, head)
     )
@@ -89,5 +91,9 @@ def launch(
     return ui.blocks
 
 
-def _interrupt_main_thread(_signum: int, _frame: object) -> None:
+def _shut_down(blocks: gr.Blocks, _signum: int, _frame: object) -> None:
+    """End gradio's wait in the main thread; its server stops without waiting for open pages' connections."""
+    server = getattr(blocks, "server", None)
+    if server is not None:
+        server.force_exit = True
     raise KeyboardInterrupt
