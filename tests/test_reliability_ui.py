@@ -212,3 +212,9 @@ def test_any_value_in_any_settings_widget_is_read_or_refused_with_a_message(ui, 
         except TrainTrainError as error:
             problems = [str(error)]
         assert all(isinstance(problem, str) for problem in problems), name
+
+
+@pytest.mark.parametrize("mode", ["LoRA", "Difference", "nonsense", None, ["LoRA"], 5])
+def test_a_mode_change_with_any_value_updates_the_page(ui, mode) -> None:
+    updates = ui.params.visibility(mode)
+    assert len(updates) == len(ui.params.visibility_outputs)

@@ -6,7 +6,6 @@ Single files are converted with diffusers' LDM converters into models built from
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from traintrain.errors import TrainTrainError
-from traintrain.files import is_dir, is_file
+from traintrain.files import is_dir, is_file, read_json
 from traintrain.models.bundle import ModelKind, Prediction
 from traintrain.models.diffusers_backend import Components
 from traintrain.models.ldm_convert import TEXT_ENCODER_SLOTS, UNET_PREFIX, V_PRED_KEY, VAE_PREFIX
@@ -139,9 +138,12 @@ def _on_meta(build: Any) -> nn.Module:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise TrainTrainError(f"Cannot read {path} ({error}): choose a complete diffusers config folder.") from error
+        data = read_json(path, "model config")
+    except TrainTrainError as error:
+        raise TrainTrainError(f"{error} Choose a complete diffusers config folder.") from error
+    if not isinstance(data, dict):
+        raise TrainTrainError(f"{path} holds no JSON object: choose a complete diffusers config folder.")
+    return data
 
 
 def _load_unet(state: dict[str, torch.Tensor], config_dir: Path, dtype: torch.dtype) -> nn.Module:

@@ -146,7 +146,9 @@ class ParamsPanel:
         return [*self.first.values(), self.second_accordion]
 
     def visibility(self, mode: str) -> list[Any]:
-        """Updates showing the widgets of `mode` (the 2nd-pass accordion in Difference only)."""
+        """Updates showing the widgets of `mode` (the 2nd-pass accordion in Difference only); an unknown mode shows
+        the general row only."""
+        mode = mode if isinstance(mode, str) else ""
         shown = [FIELD_BY_NAME[n].section == "general" or FIELD_BY_NAME[n].shown(mode) for n in self.first]
         return [gr.update(visible=v) for v in shown] + [gr.update(visible=mode == "Difference")]
 
