@@ -218,3 +218,35 @@ def test_any_value_in_any_settings_widget_is_read_or_refused_with_a_message(ui, 
 def test_a_mode_change_with_any_value_updates_the_page(ui, mode) -> None:
     updates = ui.params.visibility(mode)
     assert len(updates) == len(ui.params.visibility_outputs)
+
+
+def test_the_status_box_says_loading_not_preparing_and_the_console_shows_each_step(tmp_path, images, capfd) -> None:
+    import contextlib
+    import threading
+
+    from traintrain.models.tiny import build_tiny
+    from traintrain.ui.status import render_status
+
+    loading, go_on = threading.Event(), threading.Event()
+
+    class SlowProvider:
+        @contextlib.contextmanager
+        def open(self, config):
+            loading.set()
+            go_on.wait(60)
+            yield build_tiny("sd1")
+
+    dirs = OutputDirs(tmp_path / "lora", tmp_path / "logs", tmp_path / "jsons")
+    queue = JobQueue(SlowProvider(), dirs, tmp_path / "queue.json")
+    try:
+        queue.start(dataclasses.replace(demo_config(images, 3), save_lora_name="slow", logging_save_csv=False))
+        assert loading.wait(60)
+        html = render_status(queue.status())
+        assert "loading the model" in html and "Preparing" not in html
+        go_on.set()
+        assert queue.wait_idle(120)
+        assert "Successfully created" in render_status(queue.status()) and "Preparing" not in render_status(queue.status())
+    finally:
+        go_on.set()
+        queue.close(timeout=120)
+    assert "3/3" in capfd.readouterr().err, "a tqdm line with the steps on the console"
