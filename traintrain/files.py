@@ -77,8 +77,9 @@ def _is_disk_full(error: BaseException) -> bool:
 
 
 def _sync_file(path: Path) -> None:
-    """Flush the file's data to the disk, so a power loss cannot leave it empty under its final name."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush the file's data to the disk, so a power loss cannot leave it empty under its final name (opened for
+    writing: Windows flushes only writable handles)."""
+    fd = os.open(path, os.O_RDWR)
     try:
         os.fsync(fd)
     finally:
