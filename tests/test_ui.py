@@ -108,7 +108,7 @@ def test_preset_save_then_load_round_trip_leaves_the_queue_alone(ui, tmp_path, i
     ui.queue.add(demo_config(images, 4))
     config = difference_config(tmp_path)
     config.save_lora_name = "my/preset"  # sanitized to a file name inside presets/
-    update, message = ui.presets.save(*ui.params.show(config))
+    update, message = ui.presets.save(False, *ui.params.show(config))
     assert (tmp_path / "presets" / "my_preset.json").is_file() and message.startswith("Preset saved")
     assert update["value"] == "my_preset" and "my_preset" in update["choices"]
     *values, message = ui.presets.load("my_preset")

@@ -31,11 +31,31 @@ def load_image(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as opened:
             opened.load()
-            image = ImageOps.exif_transpose(opened)
+            image = _eight_bit(ImageOps.exif_transpose(opened))
             return image.convert("RGBA" if _has_alpha(image) else "RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         log.warning("Skipping %s: it is not a readable image (%s).", path, error)
         return None
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer and float grayscale as 8-bit "L" with the same brightness (Pillow's own conversion
+    clips them: a 16-bit image turns almost white, a 0..1 float one black); other modes unchanged.
+
+    Raises ValueError for values that have no 8-bit meaning (negative, or floats above 255: HDR)."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not (np.isfinite(values).all() and low >= 0 and high <= 255):
+            raise ValueError(f"float pixels from {low:g} to {high:g} are not 0..1 or 0..255 (HDR is not supported)")
+        peak = 1.0 if high <= 1.0 else 255.0
+    else:
+        if low < 0 or high > 65535:
+            raise ValueError(f"integer pixels from {low:g} to {high:g} are not 8 or 16 bit")
+        peak = 65535.0
+    return Image.fromarray(np.round(values * (255.0 / peak)).astype(np.uint8), mode="L")
 
 
 def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -9,6 +9,7 @@ import torch
 
 from traintrain.config import TrainConfig, sanitize_name
 from traintrain.errors import TrainTrainError
+from traintrain.files import is_file
 from traintrain.models.bundle import Conditioning, ModelBundle
 from traintrain.modes.common import (
     Objective,
@@ -39,7 +40,7 @@ def find_first_pass_file(ctx: RunContext, name: str) -> Path:
     """`diff load 1st pass`: a path, or a file name searched recursively in the Lora folder (.safetensors, then .pt,
     added when the name has neither)."""
     direct = Path(name)
-    if direct.suffix in LORA_SUFFIXES and direct.is_file():
+    if direct.suffix in LORA_SUFFIXES and is_file(direct):
         return direct
     stem = sanitize_name(direct.stem if direct.suffix in LORA_SUFFIXES else name)
     for suffix in LORA_SUFFIXES:

@@ -9,13 +9,13 @@ from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from traintrain.errors import TrainTrainError
-from traintrain.files import atomic_path
+from traintrain.files import is_file, save_safetensors
 from traintrain.models.bundle import LoraTarget
 from traintrain.networks.hashes import safetensors_hashes
 from traintrain.networks.key_styles import name_resolver
+from traintrain.networks.kohya_check import LOHA_KEYS, module_kind_rank_alpha
 from traintrain.networks.modules import ADAPTERS, AdapterModule, LoHaModule, LoRAModule
 from traintrain.networks.network import Network, NetworkSpec
 
@@ -53,9 +53,7 @@ def save_network(
             "training stopped and the last good save is kept. Lower the learning rate or the network alpha."
         )
     metadata = {**metadata, **safetensors_hashes(tensors, metadata)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path
+    return save_safetensors(path, tensors, metadata)
 
 
 def read_network_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -64,7 +62,7 @@ def read_network_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     path = Path(path)
     if path.suffix.lower() not in (".safetensors", ".pt"):
         raise TrainTrainError(f"{path.name}: only .safetensors and .pt LoRA files can be loaded.")
-    if not path.is_file():
+    if not is_file(path):
         raise TrainTrainError(f"LoRA file not found: {path}.")
     if path.suffix.lower() == ".pt":
         return _read_pt(path), {}
@@ -93,20 +91,20 @@ def module_names(tensors: dict[str, torch.Tensor]) -> set[str]:
 
 
 def load_into(network: Network, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy a file's weights into matching adapters (the inverse of `network_tensors` at strength 1)."""
+    """Copy a file's weights into matching adapters (the inverse of `network_tensors` at strength 1); every tensor
+    must have exactly its parameter's size (a LoHa convolution factor may be stored 4-D)."""
     for name, adapter in network.adapters.items():
-        if f"{name}.alpha" not in tensors:
-            raise TrainTrainError(f"The LoRA file has no weights for {name}: it was made for another model or type.")
-        try:
-            if isinstance(adapter, LoRAModule):
-                adapter.lora_down.weight.data.copy_(tensors[f"{name}.lora_down.weight"])
-                adapter.lora_up.weight.data.copy_(tensors[f"{name}.lora_up.weight"])
-            else:
-                for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
-                    param = getattr(adapter, key)
-                    param.data.copy_(tensors[f"{name}.{key}"].reshape(param.shape))
-        except (KeyError, RuntimeError) as error:
-            raise TrainTrainError(f"The LoRA file does not fit this network at {name}: {error}.") from error
+        for key, param in _parameters_by_key(adapter):
+            stored = tensors.get(f"{name}.{key}")
+            if stored is None:
+                raise TrainTrainError(f"The LoRA file has no {key} for {name}: it was made for another model or type.")
+            fits = stored.numel() == param.numel() if adapter.kind == "loha" else stored.shape == param.shape
+            if not fits:
+                raise TrainTrainError(
+                    f"The LoRA file does not fit this model at {name}: {key} is {tuple(stored.shape)}, the layer needs "
+                    f"{tuple(param.shape)}. It was made for another model family."
+                )
+            param.data.copy_(stored.reshape(param.shape))
 
 
 def in_target_style(tensors: dict[str, torch.Tensor], target_names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -120,16 +118,11 @@ def in_target_style(tensors: dict[str, torch.Tensor], target_names: Iterable[str
     return renamed
 
 
-def _adapter_shape(tensors: dict[str, torch.Tensor], name: str) -> tuple[str, int, float]:
-    """(adapter kind 'lora'|'loha', rank, alpha) of one module of a file; no alpha means alpha = rank."""
-    if f"{name}.hada_w1_a" in tensors:
-        kind, rank = "loha", int(tensors[f"{name}.hada_w1_a"].shape[1])
-    elif f"{name}.lora_down.weight" in tensors:
-        kind, rank = "lora", int(tensors[f"{name}.lora_down.weight"].shape[0])
-    else:
-        raise TrainTrainError(f"Unrecognised LoRA file: module {name} has neither lora_down nor hada_w1_a weights.")
-    alpha = tensors.get(f"{name}.alpha")
-    return kind, rank, float(alpha) if alpha is not None else float(rank)
+def _parameters_by_key(adapter: AdapterModule) -> list[tuple[str, torch.Tensor]]:
+    """The adapter's trained parameters under their kohya key suffixes."""
+    if isinstance(adapter, LoRAModule):
+        return [("lora_down.weight", adapter.lora_down.weight), ("lora_up.weight", adapter.lora_up.weight)]
+    return [(key, getattr(adapter, key)) for key in LOHA_KEYS]
 
 
 def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bool = True) -> Network:
@@ -149,7 +142,7 @@ def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bo
         )
     adapters: dict[str, AdapterModule] = {}
     for name in names:
-        kind, rank, alpha = _adapter_shape(tensors, name)
+        kind, rank, alpha = module_kind_rank_alpha(tensors, name, Path(path).name)
         adapters[name] = ADAPTERS[kind](layers[name], rank, alpha)
     network = Network(_spec_of(adapters), adapters, {n: layers[n] for n in names})
     load_into(network, tensors)

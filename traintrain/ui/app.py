@@ -12,6 +12,7 @@ from traintrain.jobs import JobQueue, ModelProvider, shared_queue
 from traintrain.modes import OutputDirs
 from traintrain.ui import compat
 from traintrain.ui.handlers import shows_errors
+from traintrain.ui.inputs import flag
 from traintrain.ui.image_panel import ImagePanel
 from traintrain.ui.params import Choices, ParamsPanel
 from traintrain.ui.plot_panel import PlotPanel
@@ -74,11 +75,8 @@ class TrainTrainUI:
         self.start_button.click(shows_errors(self.start), inputs=settings, outputs=[self.message])
         self.add_button.click(shows_errors(self.add), inputs=settings, outputs=[self.message])
         for button, save in ((self.save_stop_button, True), (self.stop_button, False)):
-            button.click(
-                lambda pause, save=save: self.queue.stop(save=save, pause_queue=pause),
-                inputs=[self.pause_queue],
-                outputs=[self.message],
-            )
+            stop = shows_errors(lambda pause, save=save: self.stop(save, pause))
+            button.click(stop, inputs=[self.pause_queue], outputs=[self.message])
 
     def _build_previews(self) -> None:
         self.previews = PreviewPanel()
@@ -91,6 +89,10 @@ class TrainTrainUI:
         """Start Training: run these settings now (queued jobs follow); corrections of the original's values noted."""
         config, notes = normalised(self.params.read(values))
         return with_notes(self.queue.start(config), notes)
+
+    def stop(self, save: bool, pause_queue: Any) -> str:
+        """Stop and Save / Stop without Saving: end the running job after its step."""
+        return self.queue.stop(save=save, pause_queue=flag(pause_queue, "Pause the queue on Stop"))
 
     def add(self, *values: Any) -> str:
         """Add to Queue: run these settings after the queued jobs; corrections of the original's values noted."""
