@@ -126,7 +126,7 @@ def test_forges_interrupt_stops_the_training_with_a_save(files, images, tmp_path
 
     with provider_for(on_interrupt=lambda: stop.request(save=True)).open(config) as bundle:
         result = run_training(RunContext(config, bundle, dirs_in(tmp_path), progress=press_interrupt, stop=stop))
-    assert result.stopped and result.steps < 5000 and result.path.name.startswith("demo-step")
+    assert result.stopped and result.steps < 5000 and result.path.stem.startswith("demo_") and result.path.stem.endswith("steps")
     assert fake.state.job == "" and not fake.locked_elsewhere()
 
 

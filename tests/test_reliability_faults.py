@@ -51,7 +51,7 @@ def test_sigterm_while_training_saves_the_lora_so_far(images, tmp_path) -> None:
     assert process.returncode == 0, err
     assert "Stopped at step" in out
     (saved,) = (tmp_path / "out").iterdir()
-    assert saved.name.startswith("term-step") and read_network_file(saved)[0]
+    assert saved.name.startswith("term_") and saved.stem.endswith("steps") and read_network_file(saved)[0]
 
 
 def test_a_signal_while_the_model_loads_ends_with_a_message(images, tmp_path, monkeypatch, capsys) -> None:
