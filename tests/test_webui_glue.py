@@ -334,3 +334,15 @@ def test_previews_are_refused_while_the_webui_is_busy(fake) -> None:
         with pytest.raises(TrainTrainError, match="busy"):
             A1111ModelProvider().preview(config, preview_requests(config, "original"))
     assert not any(call[0] == "process_images" for call in fake.calls)
+
+
+def test_the_webuis_clip_skip_reaches_the_text_encoder(fake, images, monkeypatch) -> None:
+    monkeypatch.setattr(OPTS, "CLIP_stop_at_last_layers", 2, raising=False)
+    with A1111ModelProvider().open(config_for(images)) as bundle:
+        assert bundle.clip_skip == 2
+        skipped = bundle.encode_text(["a red circle"]).context
+        bundle.clip_skip = 1
+        last = bundle.encode_text(["a red circle"]).context
+    assert not torch.allclose(skipped, last)
+    monkeypatch.setattr(OPTS, "CLIP_stop_at_last_layers", "2", raising=False)  # a bad value is the default, 1
+    assert common.clip_skip() == 1

@@ -15,7 +15,7 @@ from torch import nn
 
 from traintrain.config import TrainConfig
 from traintrain.errors import TrainTrainError
-from traintrain.hosts.common import HostModelProvider, checkpoint_info, lora_extension, vae_file
+from traintrain.hosts.common import HostModelProvider, checkpoint_info, clip_skip, lora_extension, vae_file
 from traintrain.models.bundle import ModelBundle
 from traintrain.precision import weight_dtype
 
@@ -146,7 +146,9 @@ class A1111ModelProvider(HostModelProvider):
             refuse_unsupported(sd_model)
             self.release_patches(sd_model)
             with lowvram_suspended(sd_model):
-                bundle = LdmBundle(sd_model, device, _model_dtype(config, device), vae_dtype=vae_dtype)
+                bundle = LdmBundle(
+                    sd_model, device, _model_dtype(config, device), vae_dtype=vae_dtype, clip_skip=clip_skip()
+                )
                 if config.model_v_pred:
                     bundle.prediction = "v"
                 yield bundle

@@ -68,6 +68,14 @@ def vae_file(name: str) -> str:
     return path
 
 
+def clip_skip() -> int:
+    """The host's own CLIP skip (Settings > Stable Diffusion > Clip skip), 1 where it has none or a bad value."""
+    from modules import shared
+
+    value = getattr(shared.opts, "CLIP_stop_at_last_layers", 1)
+    return value if isinstance(value, int) and 1 <= value <= 12 else 1
+
+
 def lora_extension() -> ModuleType | None:
     """The built-in Lora extension's `networks` module (A1111 / reForge `Lora`, Forge `sd_forge_lora`), when loaded."""
     module = sys.modules.get("networks")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from traintrain.config import TrainConfig
-from traintrain.hosts.common import HostModelProvider
+from traintrain.hosts.common import HostModelProvider, clip_skip
 from traintrain.hosts.forge_files import training_files
 from traintrain.models.bundle import ModelBundle
 from traintrain.precision import weight_dtype
@@ -81,7 +81,9 @@ class ForgeModelProvider(HostModelProvider):
                 dtype=dtype,
             )
             vae_dtype = weight_dtype(config.train_VAE_precision, device)
-            yield DiffusersBundle(components, device=device, dtype=dtype, vae_dtype=vae_dtype)
+            yield DiffusersBundle(
+                components, device=device, dtype=dtype, vae_dtype=vae_dtype, clip_skip=clip_skip()
+            )
         finally:
             if components is not None:
                 drop_from_device([components.unet, components.vae, *components.text_encoders])
