@@ -39,6 +39,7 @@ from traintrain.config_fields import (
     SAVE_PRECISIONS,
     SECOND_PASS_CODE,
     TEXTAREA,
+    TIMESTEP_SAMPLINGS,
     TEXTBOX,
     VAE_PRECISIONS,
     FieldSpec,
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 
 ALL = ("L", "I", "D", "P2", "A", "M")  # every mode and the Difference 2nd-pass panel
 EVERY_MODE = ("L", "I", "D", "A", "M")  # every mode; pass 2 takes the 1st pass's value
+DENOISING = ("L", "D", "P2", "A", "M")  # modes that noise training latents
+SAMPLED_TIMESTEPS = ("L", "I", "D", "P2")  # modes that draw timesteps (ADDifT walks a ladder)
 
 
 def setting(default: Any, widget: str, shown_in: tuple[str, ...], *, section: str, column: int = 0, **spec: Any) -> Any:
@@ -67,6 +70,7 @@ def setting(default: Any, widget: str, shown_in: tuple[str, ...], *, section: st
 _general = partial(setting, section="general")
 _req1, _req2, _req3 = (partial(setting, section="required", column=n) for n in (1, 2, 3))
 _opt1, _opt2, _opt3 = (partial(setting, section="options", column=n) for n in (1, 2, 3))
+_adv1, _adv2, _adv3 = (partial(setting, section="advanced", column=n) for n in (1, 2, 3))
 _prompt = partial(setting, section="prompts")
 _image = partial(setting, section="images")
 
@@ -155,6 +159,41 @@ class TrainConfig:
     save_as_json: bool = _opt3(False, CHECKBOX, EVERY_MODE)
     model_v_pred: bool = _opt3(False, CHECKBOX, EVERY_MODE, help="v-prediction model (SD2 768-v, v-pred SDXL).")
     save_on_stop: bool = _opt3(True, CHECKBOX, EVERY_MODE, help="When a training is interrupted (WebUI Interrupt, Ctrl-C, shutdown), save the LoRA so far as <name>-step<k>.")
+    # Advanced options (beyond the original): noise and timesteps, captions, optimisation. Defaults keep them off.
+    train_noise_offset: float = _adv1(
+        0.0, TEXTBOX, DENOISING, help="Adds offset·N(0,1) per image and channel to the noise (darker darks, brighter "
+        "lights); about 0.05. 0: off."
+    )
+    train_multires_noise_iterations: int = _adv1(
+        0, TEXTBOX, DENOISING, help="Pyramid noise: levels of coarser noise added; about 6–10. 0: off."
+    )
+    train_multires_noise_discount: float = _adv1(0.3, TEXTBOX, DENOISING, help="Weight ratio between pyramid levels.")
+    train_input_perturbation: float = _adv1(
+        0.0, TEXTBOX, ("L", "D", "P2"), help="Extra noise on the model input only (not the target); about 0.1. 0: off."
+    )
+    train_timestep_sampling: str = _adv1(
+        "uniform", DROPDOWN, SAMPLED_TIMESTEPS, choices=TIMESTEP_SAMPLINGS,
+        help="uniform; logit_normal (most steps mid-range); shifted (toward noisier steps when shift > 1).",
+    )  # fmt: skip
+    train_timestep_logit_mean: float = _adv1(0.0, TEXTBOX, SAMPLED_TIMESTEPS, help="logit_normal: mean.")
+    train_timestep_logit_std: float = _adv1(1.0, TEXTBOX, SAMPLED_TIMESTEPS, help="logit_normal: spread.")
+    train_timestep_shift: float = _adv1(3.0, TEXTBOX, SAMPLED_TIMESTEPS, help="shifted: t·s / (1 + (s-1)·t).")
+    train_debiased_estimation: bool = _adv1(
+        False, CHECKBOX, ALL, help="Weight the loss by 1/√SNR (1/(SNR+1) for v-prediction), beside min-SNR."
+    )
+    caption_shuffle_tags: bool = _adv2(False, CHECKBOX, ("L",), help="Shuffle the comma-separated tags every step.")
+    caption_keep_tokens: int = _adv2(
+        0, TEXTBOX, ("L",), help="Tags kept first and in place by shuffle and tag dropout (the trigger word is one)."
+    )
+    caption_dropout_rate: float = _adv2(0.0, TEXTBOX, ("L",), help="Share of steps trained on an empty caption.")
+    caption_tag_dropout_rate: float = _adv2(0.0, TEXTBOX, ("L",), help="Chance to drop each tag (not the kept ones).")
+    train_gradient_accumulation_steps: int = _adv3(
+        1, TEXTBOX, ALL, help="Batches per optimizer step: k steps of batch b train like one of batch k·b."
+    )
+    train_max_grad_norm: float = _adv3(0.0, TEXTBOX, ALL, help="Clip the gradient norm to this; 0: off.")
+    train_ema_decay: float = _adv3(
+        0.0, TEXTBOX, ALL, help="Keep an EMA of the LoRA weights and save it instead; about 0.999. 0: off."
+    )
     use_2nd_pass_settings: bool = setting(
         False, CHECKBOX, (SECOND_PASS_CODE,), section="second pass", help="Stored on the 1st-pass config."
     )
@@ -359,6 +398,16 @@ def _bound(name: str, low: float | None, *, above: bool = False, note: str = "")
     return _rule(name, ok, f"'{FIELD_BY_NAME[name].label}' must be {need}, not {{c.{name}}}.")
 
 
+def _within(name: str, low: float, high: float, *, below_high: bool = False, note: str = "") -> Rule:
+    """`name` must lie in [low, high] ([low, high) when `below_high`)."""
+    def ok(c: TrainConfig) -> bool:
+        value = getattr(c, name)
+        return math.isfinite(value) and low <= value <= high and not (below_high and value == high)
+
+    span = f"from {low} to {'below ' if below_high else ''}{high}{note}"
+    return _rule(name, ok, f"'{FIELD_BY_NAME[name].label}' must be {span}, not {{c.{name}}}.")
+
+
 def _needs(modes: tuple[str, ...], name: str, ok: Callable[[Any], bool], message: str) -> Rule:
     return _rule(f"mode {name}", lambda c: c.mode not in modes or ok(getattr(c, name)), message)
 
@@ -417,4 +466,17 @@ _RULES: tuple[Rule, ...] = (
            "{c.mode} needs an Original Image: {c.original_image!r} is not an image file."),
     _needs(("Difference", "ADDifT"), "target_image", _is_file,
            "{c.mode} needs a Target Image: {c.target_image!r} is not an image file."),
+    _within("train_noise_offset", 0, 1, note=" (0 = off)"),
+    _within("train_multires_noise_iterations", 0, 20, note=" (0 = off)"),
+    _within("train_multires_noise_discount", 0, 1),
+    _within("train_input_perturbation", 0, 1, note=" (0 = off)"),
+    _within("train_timestep_logit_mean", -10, 10),
+    _within("train_timestep_logit_std", 0.01, 10),
+    _within("train_timestep_shift", 0.01, 100),
+    _within("caption_keep_tokens", 0, 1000),
+    _within("caption_dropout_rate", 0, 1),
+    _within("caption_tag_dropout_rate", 0, 1),
+    _within("train_gradient_accumulation_steps", 1, 1024),
+    _within("train_max_grad_norm", 0, 1e6, note=" (0 = off)"),
+    _within("train_ema_decay", 0, 1, below_high=True, note=" (0 = off)"),
 )  # fmt: skip

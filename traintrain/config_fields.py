@@ -51,6 +51,9 @@ LORA_PRECISIONS = ("fp32", "bf16", "fp16")
 SAVE_PRECISIONS = ("model", "fp32", "bf16", "fp16")
 VAE_PRECISIONS = ("fp32", "bf16", "fp16")
 
+# Training options beyond the original: how timesteps are drawn.
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")  # uniform: the original's
+
 # Widget kinds of the FieldSpec table.
 DROPDOWN, TEXTBOX, CHECKBOX, CHECKBOXGROUP = "dropdown", "textbox", "checkbox", "checkboxgroup"
 RADIO, TEXTAREA, IMAGE = "radio", "textarea", "image"
@@ -299,8 +302,8 @@ class FieldSpec:
     default: Any
     choices: tuple = ()
     shown_in: tuple[str, ...] = ()  # MODE_CODES values and/or SECOND_PASS_CODE
-    section: str = ""  # general, required, blocks, options, second pass, prompts, images
-    column: int = 0  # 1-3 inside the required / options sections, else 0
+    section: str = ""  # general, required, blocks, options, advanced, second pass, prompts, images
+    column: int = 0  # 1-3 inside the required / options / advanced sections, else 0
     help: str = ""
     saved: bool = True  # False: read from a JSON but never written (the negative prompt)
     blank: bool = False  # the default is written as "" (a blank textbox), as the original did

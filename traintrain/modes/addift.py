@@ -56,7 +56,7 @@ class DifferenceObjective:
         c = self.objective.config
         t = ladder_timestep(step, c.train_min_timesteps, c.train_max_timesteps)
         timesteps = torch.full((original.shape[0],), t, device=original.device, dtype=torch.long)
-        noise = torch.randn(original.shape, generator=generator, device=original.device)
+        noise = self.objective.noise(tuple(original.shape), generator)
         mask = mask if c.diff_use_diff_mask else None
         tensors = tensors_without_none(original=original, target=target, noise=noise, timesteps=timesteps, mask=mask)
         return StepInputs({**tensors, **conds[0].tensors("original"), **conds[1].tensors("target")}, variant=step % 2)

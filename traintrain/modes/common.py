@@ -22,9 +22,11 @@ from traintrain.networks.kohya_io import network_from_file, save_network
 from traintrain.networks.kohya_io import training_metadata
 from traintrain.models.targets import TEXT_BLOCK
 from traintrain.networks.network import Network, NetworkSpec
+from traintrain.noise import NoiseOptions, draw_noise
 from traintrain.precision import autocast_dtype, precision_dtype
 from traintrain.progress import ProgressCallback, StopFlag
 from traintrain.step import StepInputs, TrainingStep, tensors_without_none
+from traintrain.timesteps import TimestepSampling, draw_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,9 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
         autocast_dtype=autocast_dtype(config.train_model_precision, device),
         cuda_graph=config.use_cuda_graph,
         compile=config.use_torch_compile,
+        accumulation=config.train_gradient_accumulation_steps,
+        max_grad_norm=config.train_max_grad_norm,
+        ema_decay=config.train_ema_decay,
     )
 
 
@@ -140,23 +145,42 @@ class Objective:
     def __init__(self, bundle: ModelBundle, config: TrainConfig) -> None:
         self.schedule = NoiseSchedule(bundle.alphas_cumprod, bundle.prediction)
         self.config = config
-
-    def timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """Timesteps in [min, max) timesteps, shared by the batch when `train fixed timesteps in batch`."""
-        c = self.config
-        return self.schedule.sample_timesteps(
-            batch, c.train_min_timesteps, c.train_max_timesteps, generator, shared=c.train_fixed_timsteps_in_batch
+        c = config
+        self.noise_options = NoiseOptions(
+            c.train_noise_offset, c.train_multires_noise_iterations, c.train_multires_noise_discount
+        )
+        self.sampling = TimestepSampling(
+            c.train_timestep_sampling, c.train_timestep_logit_mean, c.train_timestep_logit_std, c.train_timestep_shift
         )
 
+    def timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Timesteps in [min, max) timesteps as `train timestep sampling` draws them, shared by the batch when `train
+        fixed timesteps in batch`."""
+        c = self.config
+        return draw_timesteps(
+            self.schedule, batch, c.train_min_timesteps, c.train_max_timesteps, generator, self.sampling,
+            shared=c.train_fixed_timsteps_in_batch,
+        )  # fmt: skip
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Training noise of `shape`, with the configured noise offset and pyramid noise."""
+        return draw_noise(shape, generator, self.noise_options)
+
     def noised(self, latents: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """A denoising step's draws for `latents`: the noise and the timesteps (with the latents themselves)."""
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        return {"latents": latents, "noise": noise, "timesteps": self.timesteps(latents.shape[0], generator)}
+        """A denoising step's draws for `latents`: the noise and the timesteps (with the latents themselves), and with
+        input perturbation the noise the model input gets (the target keeps `noise`)."""
+        noise = self.noise(tuple(latents.shape), generator)
+        draws = {"latents": latents, "noise": noise, "timesteps": self.timesteps(latents.shape[0], generator)}
+        if self.config.train_input_perturbation > 0:
+            extra = torch.randn(latents.shape, generator=generator, device=generator.device)
+            draws["input_noise"] = noise + self.config.train_input_perturbation * extra
+        return draws
 
     def denoising_loss(self, bundle: ModelBundle, inputs: StepInputs, cond: Conditioning) -> torch.Tensor:
         """The standard objective on `noised` inputs: predict the noise (or velocity) of the noised latents."""
         latents, noise, timesteps = inputs["latents"], inputs["noise"], inputs["timesteps"]
-        prediction = bundle.predict(self.schedule.add_noise(latents, noise, timesteps), timesteps, cond)
+        input_noise = noise if inputs.get("input_noise") is None else inputs["input_noise"]
+        prediction = bundle.predict(self.schedule.add_noise(latents, input_noise, timesteps), timesteps, cond)
         return self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, inputs.get("mask"))
 
     def denoising_step(self, bundle: ModelBundle, draw: BatchDraw, generator: torch.Generator) -> TrainingStep:
@@ -180,11 +204,12 @@ class Objective:
     def loss(
         self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The configured loss function, min-SNR weighted when `train snr gamma` > 0."""
+        """The configured loss function, min-SNR weighted when `train snr gamma` > 0, debiased when asked."""
         c = self.config
         return weighted_loss(
-            self.schedule, prediction, target, timesteps, kind=c.train_loss_function, snr_gamma=c.train_snr_gamma, mask=mask
-        )
+            self.schedule, prediction, target, timesteps, kind=c.train_loss_function, snr_gamma=c.train_snr_gamma,
+            mask=mask, debiased=c.train_debiased_estimation,
+        )  # fmt: skip
 
 
 def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
