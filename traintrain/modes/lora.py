@@ -9,6 +9,7 @@ import torch
 
 from traintrain.config import TrainConfig
 from traintrain.data import DataOptions, LatentDataset, load_image_dataset, tag_frequency
+from traintrain.data.caption_variation import CaptionOptions, CaptionVariation
 from traintrain.models.bundle import Conditioning, ModelBundle
 from traintrain.modes.common import (
     Objective,
@@ -40,13 +41,24 @@ def data_options(config: TrainConfig) -> DataOptions:
     )
 
 
-class PromptCache:
-    """Conditioning per prompt, encoded once when the text encoder is frozen, or live when it is trained."""
+def caption_options(config: TrainConfig) -> CaptionOptions:
+    """The per-step caption variation of a config."""
+    return CaptionOptions(
+        shuffle=config.caption_shuffle_tags,
+        keep_tokens=config.caption_keep_tokens,
+        dropout_rate=config.caption_dropout_rate,
+        tag_dropout_rate=config.caption_tag_dropout_rate,
+    )
 
-    def __init__(self, bundle: ModelBundle, prompts: list[str], live: bool) -> None:
-        self.bundle, self.live = bundle, live
+
+class PromptCache:
+    """Conditioning per prompt, encoded once when the text encoder is frozen, or live when it is trained; `varied`
+    prompts (new every step) are encoded at each step, without gradients, instead of cached."""
+
+    def __init__(self, bundle: ModelBundle, prompts: list[str], live: bool, *, varied: bool = False) -> None:
+        self.bundle, self.live, self.varied = bundle, live, varied
         self._cache: dict[str, Conditioning] = {}
-        if not live:
+        if not live and not varied:
             unique = sorted(set(prompts))
             with torch.no_grad():
                 for start in range(0, len(unique), 16):
@@ -60,6 +72,9 @@ class PromptCache:
         gradients reach the text encoder's LoRA)."""
         if self.live:
             return self.bundle.tokenize(prompts)
+        if self.varied:
+            with torch.no_grad():
+                return self.bundle.encode_text(prompts).detach()
         return Conditioning.cat([self._cache[p] for p in prompts])
 
 
@@ -76,13 +91,15 @@ def train_lora(ctx: RunContext) -> TrainResult:
         if config.logging_verbose:
             log.info("Dataset: %s", dataset.summary())
         network = build_network(ctx, config, text_encoder=TEXT_BLOCK in config.network_blocks)
-        prompts = PromptCache(bundle, dataset.prompts, live=bool(network.text_encoder_names))
+        captions = CaptionVariation(caption_options(config), config.resolved_seed())
+        live = bool(network.text_encoder_names)
+        prompts = PromptCache(bundle, dataset.prompts, live=live, varied=captions.options.varies)
         objective = Objective(bundle, config)
 
         def draw(_index: int) -> tuple[torch.Tensor, Conditioning | dict[str, torch.Tensor], torch.Tensor | None]:
             batch = dataset.sample_batch(config.train_batch_size, sampler)
             mask = None if batch.masks is None else batch.masks.to(bundle.device)
-            return batch.latents.to(bundle.device), prompts(batch.prompts), mask
+            return batch.latents.to(bundle.device), prompts(captions(batch.prompts)), mask
 
         step = objective.denoising_step(bundle, draw, generator)
         tags = tag_frequency(dataset.prompts)
