@@ -1,5 +1,5 @@
-"""The one training loop: optimizer and scheduler, how steps run (eager, compiled, CUDA graphs), periodic save,
-CSV log, progress, stop flag, NaN guard."""
+"""The one training loop: optimizer and scheduler, how steps run (eager, compiled, CUDA graphs, accumulated), weight
+EMA, periodic save, CSV log, progress, stop flag, NaN guard."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from traintrain.csvlog import CsvLog
 from traintrain.cuda_graphs import CapturedSteps, CudaGraphBackend
+from traintrain.ema import WeightAverage
 from traintrain.errors import TrainTrainError
 from traintrain.networks.network import Network
 from traintrain.optim import (
@@ -27,7 +28,7 @@ from traintrain.optim import (
     needs_metric,
 )
 from traintrain.progress import Progress, ProgressCallback, StopFlag
-from traintrain.step import EagerSteps, OptimizerStep, StepInputs, TrainingStep
+from traintrain.step import AccumulatingSteps, EagerSteps, OptimizerStep, StepInputs, TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class LoopSettings:
     autocast_dtype: torch.dtype | None = None  # fp16 / bf16 on CUDA; None = no autocast
     cuda_graph: bool = True  # capture each step signature as a CUDA graph where safe (CUDA only)
     compile: bool = False  # torch.compile the loss computation
+    accumulation: int = 1  # batches per optimizer step (their losses averaged); above 1 the steps run eagerly
+    max_grad_norm: float = 0.0  # clip the gradient norm to this before each optimizer step; 0 = off
+    ema_decay: float = 0.0  # keep an EMA of the weights and leave it in the network at the end; 0 = off
 
 
 @dataclass
@@ -97,6 +101,7 @@ def run_loop(
         settings=settings.scheduler_settings,
     )
     run_step = _step_runner(settings, step, optimizer, scheduler, device, graphs)
+    average = WeightAverage(network.parameters(), settings.ema_decay) if settings.ema_decay > 0 else None
     if is_schedule_free(optimizer):  # schedule-free optimizers keep separate train / eval weights
         optimizer.train()
     result = LoopResult(steps=0)
@@ -139,14 +144,15 @@ def run_loop(
             break
         done = index + 1
         try:
-            inputs = step.inputs(index)
             lrs = current_lrs(optimizer)
-            loss = run_step(inputs)
+            loss = _accumulated(run_step, step, index, settings.accumulation)
         except torch.cuda.OutOfMemoryError as error:
             raise TrainTrainError(
                 f"Out of GPU memory at step {done}: turn on gradient checkpointing, or lower the batch size, image "
                 "size or network rank."
             ) from error
+        if average is not None:
+            average.update()
         if scheduler is not None and not plateau:
             scheduler.step()
         result.steps = done
@@ -155,12 +161,23 @@ def run_loop(
         if len(pending) >= sync_every or periodic or done == settings.iterations:
             flush()
         if periodic:
-            with _evaluation_weights(optimizer):
+            with _evaluation_weights(optimizer), average.applied() if average else contextlib.nullcontext():
                 save(f"_{done}steps", done)
     flush()
     if is_schedule_free(optimizer):
         optimizer.eval()  # the evaluation weights are the ones to save
+    if average is not None:
+        average.copy_to_parameters()  # the average is what the final (or stop) save writes
     return result
+
+
+def _accumulated(run_step: StepRunner, step: TrainingStep, index: int, count: int) -> torch.Tensor:
+    """One optimizer step's loss: `count` batches (micro-steps index·count … index·count + count-1), each run_step
+    call adding its gradients (the runner steps the optimizer after the last); the losses, each divided by `count`
+    already, summed."""
+    if count == 1:
+        return run_step(step.inputs(index))
+    return torch.stack([run_step(step.inputs(index * count + micro)) for micro in range(count)]).sum()
 
 
 def _step_runner(
@@ -173,7 +190,15 @@ def _step_runner(
 ) -> StepRunner:
     """How each step runs: replayed CUDA graphs where the setting and the device allow (the optimizer step inside
     them when it can be captured), else eagerly; the loss computation compiled when asked."""
-    optimizer_step = OptimizerStep(step.loss, optimizer, settings.autocast_dtype, device, compile=settings.compile)
+    count = settings.accumulation
+    loss = step.loss if count == 1 else lambda inputs: step.loss(inputs) / count
+    optimizer_step = OptimizerStep(
+        loss, optimizer, settings.autocast_dtype, device, compile=settings.compile, max_grad_norm=settings.max_grad_norm
+    )
+    if count > 1:
+        if graphs:
+            log.info("Gradient accumulation runs its steps eagerly, without CUDA graphs.")
+        return AccumulatingSteps(optimizer_step, count)
     if not graphs:
         return EagerSteps(optimizer_step)
     refusal = graph_refusal(optimizer, scheduler)
