@@ -11,11 +11,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from traintrain.config import TrainConfig
+from traintrain.config_fields import parse_block_weights
 from traintrain.demo import demo_config, write_sample_images
+from traintrain.errors import TrainTrainError
 from traintrain.ema import WARMUP_STEPS, WeightAverage
 from traintrain.loop import LoopSettings, run_loop
 from traintrain.models.tiny import build_tiny
 from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.networks.network import Network, NetworkSpec
 from traintrain.optim import build_optimizer
 from traintrain.step import OptimizerStep, StepInputs, TrainingStep
 
@@ -31,7 +35,7 @@ class Toy(torch.nn.Module):
         torch.manual_seed(0)
         self.layer = torch.nn.Linear(6, 3)
 
-    def param_groups(self, lr: float, text_encoder_lr: float | None = None) -> list[dict]:
+    def param_groups(self, lr: float, text_encoder_lr: float | None = None, weights: dict | None = None) -> list[dict]:
         return [{"params": list(self.parameters()), "lr": lr, "name": "unet"}]
 
 
@@ -123,9 +127,8 @@ def images(tmp_path_factory) -> Path:
 
 
 def train(images: Path, tmp: Path, **changes):
-    config = dataclasses.replace(
-        demo_config(images, iterations=6), logging_save_csv=False, save_precision="fp32", **changes
-    )
+    settings = {"logging_save_csv": False, "save_precision": "fp32", **changes}
+    config = dataclasses.replace(demo_config(images, iterations=6), **settings)
     return run_training(RunContext(config, build_tiny("sd1"), OutputDirs(tmp, tmp, tmp)))
 
 
@@ -141,3 +144,30 @@ def test_training_options_reach_a_real_run(images, tmp_path):
     ups = [k for k in plain if "lora_up" in k]
     shrink = [float(smoothed[k].norm() / plain[k].norm()) for k in ups if plain[k].norm() > 0]
     assert shrink and max(shrink) < 0.97, "the saved file holds the average, nearer the zero-initialised up weights"
+
+
+def test_block_weights_text_is_parsed_and_checked():
+    assert parse_block_weights("") == {}
+    assert parse_block_weights("in00=0.5; OUT11 = 2, BASE=0") == {"IN00": 0.5, "OUT11": 2.0, "BASE": 0.0}
+    for bad in ("IN00", "IN99=1", "IN00=x", "IN00=1, IN00=2", "IN00=-1"):
+        with pytest.raises(TrainTrainError, match="block lr weights"):
+            parse_block_weights(bad)
+    assert any("block lr weights" in p for p in TrainConfig(network_block_lr_weights="M00=nan").problems())
+
+
+def test_block_weights_scale_each_blocks_learning_rate(images, tmp_path):
+    bundle = build_tiny("sd1")
+    network = Network.build(NetworkSpec(rank=4, alpha=4), bundle.lora_targets())
+    groups = network.param_groups(1e-3, 1e-4, {"IN01": 0.5, "BASE": 2.0})
+    lrs = {group["name"]: group["lr"] for group in groups}
+    assert lrs["BASE"] == pytest.approx(2e-4) and lrs["IN01"] == pytest.approx(5e-4) and lrs["OUT02"] == 1e-3
+    assert sum(len(g["params"]) for g in groups) == len(list(network.parameters()))
+    assert [g["name"] for g in network.param_groups(1e-3)] == ["text_encoder", "unet"]
+    frozen = train(images, tmp_path, network_block_lr_weights="IN01=0", logging_save_csv=True)
+    saved = load_file(str(frozen.path))
+    ups = {k: v for k, v in saved.items() if "lora_up" in k}
+    in01 = [k for k in ups if network.blocks.get(k.split(".")[0]) == "IN01"]
+    assert in01 and all(not ups[k].any() for k in in01), "a block at weight 0 keeps its zero-initialised up weights"
+    assert any(ups[k].any() for k in ups if k not in in01)
+    header = next(line for line in next(tmp_path.glob("*.csv")).read_text().splitlines() if line.startswith("Step"))
+    assert header.count("Learning Rate") == len(groups), "one learning-rate column per block group"

@@ -45,6 +45,7 @@ from traintrain.config_fields import (
     FieldSpec,
     canonical_choice,
     own_learning_rate,
+    parse_block_weights,
     parse_step_rules,
     sanitize_name,
 )
@@ -193,6 +194,9 @@ class TrainConfig:
     train_max_grad_norm: float = _adv3(0.0, TEXTBOX, ALL, help="Clip the gradient norm to this; 0: off.")
     train_ema_decay: float = _adv3(
         0.0, TEXTBOX, ALL, help="Keep an EMA of the LoRA weights and save it instead; about 0.999. 0: off."
+    )
+    network_block_lr_weights: str = _adv3(
+        "", TEXTBOX, ALL, help="Learning-rate weight per block, e.g. IN00=0.5, OUT11=2 (BASE: text encoder; others 1)."
     )
     use_2nd_pass_settings: bool = setting(
         False, CHECKBOX, (SECOND_PASS_CODE,), section="second pass", help="Stored on the 1st-pass config."
@@ -367,6 +371,14 @@ def _step_rules_problem(c: TrainConfig) -> str:
     return ""
 
 
+def _block_weights_problem(c: TrainConfig) -> str:
+    try:
+        parse_block_weights(c.network_block_lr_weights)
+    except TrainTrainError as error:
+        return str(error)
+    return ""
+
+
 def _name_problem(c: TrainConfig) -> str:
     name = c.save_lora_name.strip()
     if name and sanitize_name(name) == "untitled" and name.lower() != "untitled":
@@ -479,4 +491,5 @@ _RULES: tuple[Rule, ...] = (
     _within("train_gradient_accumulation_steps", 1, 1024),
     _within("train_max_grad_norm", 0, 1e6, note=" (0 = off)"),
     _within("train_ema_decay", 0, 1, below_high=True, note=" (0 = off)"),
+    (("network_block_lr_weights",), _block_weights_problem),
 )  # fmt: skip

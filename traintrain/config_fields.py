@@ -51,8 +51,29 @@ LORA_PRECISIONS = ("fp32", "bf16", "fp16")
 SAVE_PRECISIONS = ("model", "fp32", "bf16", "fp16")
 VAE_PRECISIONS = ("fp32", "bf16", "fp16")
 
-# Training options beyond the original: how timesteps are drawn.
+# Training options beyond the original: how timesteps are drawn, and per-block learning-rate weights.
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")  # uniform: the original's
+
+
+def parse_block_weights(text: str) -> dict[str, float]:
+    """Per-block learning-rate weights "IN00=0.5, OUT11=2" → {"IN00": 0.5, "OUT11": 2.0}; blank → {} (all 1)."""
+    hint = f"'network block lr weights' {text!r}: write BLOCK=weight pairs such as IN00=0.5, OUT11=2 (BASE = text encoder)."
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in text.replace(";", ",").split(",")):
+        if not item:
+            continue
+        block, sep, value = (part.strip() for part in item.partition("="))
+        block = block.upper()
+        try:
+            weight = float(value)
+        except ValueError:
+            raise TrainTrainError(hint) from None
+        if not sep or block not in BLOCKS_SD or block in weights:
+            raise TrainTrainError(hint + " Each block once, from BASE, IN00-IN11, M00, OUT00-OUT11.")
+        if not (math.isfinite(weight) and 0 <= weight <= 100):
+            raise TrainTrainError(hint + " Weights go from 0 to 100.")
+        weights[block] = weight
+    return weights
 
 # Widget kinds of the FieldSpec table.
 DROPDOWN, TEXTBOX, CHECKBOX, CHECKBOXGROUP = "dropdown", "textbox", "checkbox", "checkboxgroup"

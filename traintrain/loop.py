@@ -58,6 +58,7 @@ class LoopSettings:
     accumulation: int = 1  # batches per optimizer step (their losses averaged); above 1 the steps run eagerly
     max_grad_norm: float = 0.0  # clip the gradient norm to this before each optimizer step; 0 = off
     ema_decay: float = 0.0  # keep an EMA of the weights and leave it in the network at the end; 0 = off
+    block_lr_weights: dict[str, float] = field(default_factory=dict)  # lr weight per block; empty: two groups
 
 
 @dataclass
@@ -86,7 +87,7 @@ def run_loop(
     """Train `network` for `settings.iterations` steps of `step`; periodic saves go through `save`."""
     device = next(network.parameters()).device
     graphs = settings.cuda_graph and device.type == "cuda"
-    params = network.param_groups(settings.learning_rate, settings.text_encoder_lr or None)
+    params = network.param_groups(settings.learning_rate, settings.text_encoder_lr or None, settings.block_lr_weights)
     optimizer = build_optimizer(
         settings.optimizer, params, settings.learning_rate, settings.optimizer_settings, capturable=graphs
     )

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from traintrain.config import TrainConfig
+from traintrain.config_fields import parse_block_weights
 from traintrain.csvlog import CsvLog
 from traintrain.diffusion import NoiseSchedule, weighted_loss
 from traintrain.files import free_path, inside, output_path
@@ -130,6 +131,7 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
         accumulation=config.train_gradient_accumulation_steps,
         max_grad_norm=config.train_max_grad_norm,
         ema_decay=config.train_ema_decay,
+        block_lr_weights=parse_block_weights(config.network_block_lr_weights),
     )
 
 
@@ -307,7 +309,8 @@ def train_network(
     """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too)."""
     writer = LoraWriter(ctx, config, network, stem, tags or {})
     with network.applied():
-        csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0)))
+        weights = parse_block_weights(config.network_block_lr_weights)
+        csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0, None, weights)))
         result = run_loop(
             loop_settings(config, ctx.bundle.device),
             network,

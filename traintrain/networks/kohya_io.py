@@ -122,7 +122,8 @@ def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bo
     for name in names:
         kind, rank, alpha = _adapter_shape(tensors, name)
         adapters[name] = ADAPTERS[kind](layers[name], rank, alpha)
-    network = Network(_spec_of(adapters), adapters, {n: layers[n] for n in names})
+    blocks = {t.name: t.block for t in targets if t.name in adapters}
+    network = Network(_spec_of(adapters), adapters, {n: layers[n] for n in names}, blocks)
     load_into(network, tensors)
     return network
 
