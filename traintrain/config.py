@@ -195,6 +195,14 @@ class TrainConfig:
     train_ema_decay: float = _adv3(
         0.0, TEXTBOX, ALL, help="Keep an EMA of the LoRA weights and save it instead; about 0.999. 0: off."
     )
+    save_training_state: bool = _adv3(
+        False, CHECKBOX, ALL, help="With every save (save per steps, on stop, at the end) also write the full "
+        "training state (weights, optimizer, scheduler, step) to logs/states/, to resume from."
+    )
+    resume_training_state: str = _adv3(
+        "", TEXTBOX, ("L", "I", "A", "M"), help="Full path of a saved training state: the run goes on from its step "
+        "(same settings and seed), its loss curve continuing."
+    )
     network_block_lr_weights: str = _adv3(
         "", TEXTBOX, ALL, help="Learning-rate weight per block, e.g. IN00=0.5, OUT11=2 (BASE: text encoder; others 1)."
     )
@@ -492,4 +500,8 @@ _RULES: tuple[Rule, ...] = (
     _within("train_max_grad_norm", 0, 1e6, note=" (0 = off)"),
     _within("train_ema_decay", 0, 1, below_high=True, note=" (0 = off)"),
     (("network_block_lr_weights",), _block_weights_problem),
+    _rule("resume_training_state", lambda c: not c.resume_training_state.strip() or _is_file(c.resume_training_state),
+          "'resume training state' {c.resume_training_state!r} is not a file: give the full path of a saved state."),
+    _rule("mode resume_training_state", lambda c: c.mode != "Difference" or not c.resume_training_state.strip(),
+          "'resume training state' is not available in Difference mode: leave it empty."),
 )  # fmt: skip

@@ -29,6 +29,7 @@ from traintrain.optim import (
 )
 from traintrain.progress import Progress, ProgressCallback, StopFlag
 from traintrain.step import AccumulatingSteps, EagerSteps, OptimizerStep, StepInputs, TrainingStep
+from traintrain.train_state import TrainingState, capture_state, restore_state
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class LoopSettings:
     max_grad_norm: float = 0.0  # clip the gradient norm to this before each optimizer step; 0 = off
     ema_decay: float = 0.0  # keep an EMA of the weights and leave it in the network at the end; 0 = off
     block_lr_weights: dict[str, float] = field(default_factory=dict)  # lr weight per block; empty: two groups
+    seed: int = 0  # the run's seed, recorded in saved training states
 
 
 @dataclass
@@ -71,6 +73,7 @@ class LoopResult:
 
 
 Saver = Callable[[str, int], Path]  # (file-name suffix, steps done) -> saved path
+StateSaver = Callable[[str, TrainingState], Path]  # (file-name suffix, state) -> saved path
 
 
 def run_loop(
@@ -83,8 +86,12 @@ def run_loop(
     progress: ProgressCallback | None = None,
     stop: StopFlag | None = None,
     phase: str = "",
+    save_state: StateSaver | None = None,
+    resume: TrainingState | None = None,
 ) -> LoopResult:
-    """Train `network` for `settings.iterations` steps of `step`; periodic saves go through `save`."""
+    """Train `network` for `settings.iterations` steps of `step`; periodic saves go through `save`, and the full
+    training state (periodic, on stop, at the end) through `save_state` when given. With `resume` the run goes on
+    from the state's step: weights, optimizer, scheduler and EMA restored, the seeded draws replayed up to there."""
     device = next(network.parameters()).device
     graphs = settings.cuda_graph and device.type == "cuda"
     params = network.param_groups(settings.learning_rate, settings.text_encoder_lr or None, settings.block_lr_weights)
@@ -103,9 +110,21 @@ def run_loop(
     )
     run_step = _step_runner(settings, step, optimizer, scheduler, device, graphs)
     average = WeightAverage(network.parameters(), settings.ema_decay) if settings.ema_decay > 0 else None
+    scaler = run_step.step.scaler
+    result = LoopResult(steps=0)
+    start = 0
+    if resume is not None:
+        start = restore_state(resume, network, optimizer, scheduler, scaler, average)
+        result.steps = start
+        for micro in range(start * settings.accumulation):  # the data order and the noise go on where they stopped
+            step.inputs(micro)
+
+    def save_state_now(suffix: str, done: int) -> None:
+        if save_state is not None:
+            save_state(suffix, capture_state(done, settings.seed, network, optimizer, scheduler, scaler, average))
+
     if is_schedule_free(optimizer):  # schedule-free optimizers keep separate train / eval weights
         optimizer.train()
-    result = LoopResult(steps=0)
     pending: list[tuple[int, torch.Tensor, list[float | torch.Tensor]]] = []
     sync_every = readback_interval(device)
     started = time.monotonic()
@@ -136,12 +155,14 @@ def run_loop(
             csv_log.flush()
         if progress is not None:
             elapsed = time.monotonic() - started
-            eta = elapsed / last_step * (settings.iterations - last_step)
+            eta = elapsed / (last_step - start) * (settings.iterations - last_step)
             progress(Progress(last_step, settings.iterations, result.losses[-1], lrs[-1], elapsed, eta, phase))
 
-    for index in range(settings.iterations):
+    for index in range(start, settings.iterations):
         if stop is not None and stop.requested:
             result.stopped = True
+            if stop.save and index > start:
+                save_state_now(f"-step{index}", index)
             break
         done = index + 1
         try:
@@ -164,7 +185,10 @@ def run_loop(
         if periodic:
             with _evaluation_weights(optimizer), average.applied() if average else contextlib.nullcontext():
                 save(f"_{done}steps", done)
+            save_state_now(f"_{done}steps", done)
     flush()
+    if not result.stopped and settings.iterations == result.steps > start:
+        save_state_now("", result.steps)
     if is_schedule_free(optimizer):
         optimizer.eval()  # the evaluation weights are the ones to save
     if average is not None:

@@ -9,6 +9,7 @@ from typing import Callable
 from traintrain.config import TrainConfig
 from traintrain.files import atomic_write_text, inside, output_path
 from traintrain.modes.common import OutputDirs, RunContext, TrainResult
+from traintrain.modes.states import adopt_state_seed
 from traintrain.optim import check_optimizer, check_scheduler
 
 __all__ = ["OutputDirs", "RunContext", "TrainResult", "advice", "run_training"]
@@ -31,6 +32,7 @@ def run_training(ctx: RunContext) -> TrainResult:
         day = ctx.stamp.split("_")[0]
         path = inside(ctx.dirs.jsons, f"{day}/{config.effective_name}-{ctx.stamp}.json")
         atomic_write_text(path, json.dumps(config.to_json_dict(), indent=2))
+    adopt_state_seed(config)
     notes = advice(config)
     for note in notes:
         log.warning(note)

@@ -22,6 +22,7 @@ from traintrain.models.bundle import BASE_MODEL_VERSION, Conditioning, ModelBund
 from traintrain.networks.kohya_io import network_from_file, save_network
 from traintrain.networks.kohya_io import training_metadata
 from traintrain.models.targets import TEXT_BLOCK
+from traintrain.modes.states import StateWriter, state_to_resume
 from traintrain.networks.network import Network, NetworkSpec
 from traintrain.noise import NoiseOptions, draw_noise
 from traintrain.precision import autocast_dtype, precision_dtype
@@ -132,6 +133,7 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
         max_grad_norm=config.train_max_grad_norm,
         ema_decay=config.train_ema_decay,
         block_lr_weights=parse_block_weights(config.network_block_lr_weights),
+        seed=config.resolved_seed(),
     )
 
 
@@ -308,6 +310,7 @@ def train_network(
 ) -> TrainResult:
     """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too)."""
     writer = LoraWriter(ctx, config, network, stem, tags or {})
+    states = StateWriter(ctx.dirs.logs / "states", stem, config.save_overwrite) if config.save_training_state else None
     with network.applied():
         weights = parse_block_weights(config.network_block_lr_weights)
         csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0, None, weights)))
@@ -320,8 +323,13 @@ def train_network(
             progress=ctx.progress,
             stop=ctx.stop,
             phase=phase,
+            save_state=states,
+            resume=state_to_resume(config),
         )
-    return finish(ctx, writer, result, save_final=save_final)
+    finished = finish(ctx, writer, result, save_final=save_final)
+    if states is not None and states.saved:
+        finished.message += f"\nTraining state: {states.saved[-1]}"
+    return finished
 
 
 @contextlib.contextmanager

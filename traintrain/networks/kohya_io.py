@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -70,6 +71,21 @@ def read_network_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise TrainTrainError(f"{path.name} is not a readable safetensors file: {error}.") from error
 
 
+def unscaled(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str) -> dict[str, torch.Tensor]:
+    """The trained weights of a file saved with `network strength` s (its `ss_network_strength`): ΔW / s."""
+    text = metadata.get("ss_network_strength", "1")
+    try:
+        strength = float(text)
+    except ValueError:
+        raise TrainTrainError(f"{name} has an unreadable ss_network_strength {text!r}: fix or remove it.") from None
+    if strength == 1.0:
+        return tensors
+    if strength == 0.0 or not math.isfinite(strength):
+        raise TrainTrainError(f"{name} was saved with network strength {strength}: its trained weights are lost.")
+    scaled = (".lora_up.weight", ".hada_w1_a")
+    return {key: t / strength if key.endswith(scaled) else t for key, t in tensors.items()}
+
+
 def module_names(tensors: dict[str, torch.Tensor]) -> set[str]:
     """The kohya module names present in a file's tensors."""
     return {key.split(".", 1)[0] for key in tensors}
@@ -107,7 +123,8 @@ def _adapter_shape(tensors: dict[str, torch.Tensor], name: str) -> tuple[str, in
 def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bool = True) -> Network:
     """A network with exactly the modules, ranks, alphas and weights of a saved file (resume, copy machine);
     without `text_encoder`, the file's text-encoder modules are left out (modes that encode prompts once)."""
-    tensors, _ = read_network_file(path)
+    tensors, metadata = read_network_file(path)
+    tensors = unscaled(tensors, metadata, Path(path).name)
     layers = {t.name: t.module for t in targets}
     names = sorted(n for n in module_names(tensors) if text_encoder or not n.startswith("lora_te"))
     if not names:
