@@ -188,6 +188,11 @@ class TrainConfig:
     )
     caption_dropout_rate: float = _adv2(0.0, TEXTBOX, ("L",), help="Share of steps trained on an empty caption.")
     caption_tag_dropout_rate: float = _adv2(0.0, TEXTBOX, ("L",), help="Chance to drop each tag (not the kept ones).")
+    reg_data_directory: str = _adv2(
+        "", TEXTBOX, ("L",), help="Regularisation (class) images with captions, for prior preservation; empty: none."
+    )
+    reg_num_multiply: int = _adv2(1, TEXTBOX, ("L",), help="Repeats of the regularisation images (sets their share).")
+    reg_loss_weight: float = _adv2(1.0, TEXTBOX, ("L",), help="Loss weight of regularisation batches.")
     train_gradient_accumulation_steps: int = _adv3(
         1, TEXTBOX, ALL, help="Batches per optimizer step: k steps of batch b train like one of batch k·b."
     )
@@ -496,6 +501,10 @@ _RULES: tuple[Rule, ...] = (
     _within("caption_keep_tokens", 0, 1000),
     _within("caption_dropout_rate", 0, 1),
     _within("caption_tag_dropout_rate", 0, 1),
+    _rule("reg_data_directory", lambda c: not c.reg_data_directory.strip() or _is_dir(c.reg_data_directory),
+          "'reg data directory' {c.reg_data_directory!r} is not a folder: give the folder of class images or leave it empty."),
+    _within("reg_num_multiply", 1, 1000),
+    _within("reg_loss_weight", 0, 100),
     _within("train_gradient_accumulation_steps", 1, 1024),
     _within("train_max_grad_norm", 0, 1e6, note=" (0 = off)"),
     _within("train_ema_decay", 0, 1, below_high=True, note=" (0 = off)"),

@@ -138,8 +138,8 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
 
 
 # A batch source for the denoising objective: step index -> (latents, conditioning or, when the text encoder is
-# trained, the captions' token tensors, mask or None).
-BatchDraw = Callable[[int], tuple[torch.Tensor, "Conditioning | dict[str, torch.Tensor]", "torch.Tensor | None"]]
+# trained, the captions' token tensors, mask or None[, loss weight: a 0-d tensor, e.g. for regularisation batches]).
+BatchDraw = Callable[[int], tuple]
 TOKENS = "tokens_"  # prefix of token tensors among a step's inputs
 
 
@@ -185,15 +185,18 @@ class Objective:
         latents, noise, timesteps = inputs["latents"], inputs["noise"], inputs["timesteps"]
         input_noise = noise if inputs.get("input_noise") is None else inputs["input_noise"]
         prediction = bundle.predict(self.schedule.add_noise(latents, input_noise, timesteps), timesteps, cond)
-        return self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, inputs.get("mask"))
+        loss = self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, inputs.get("mask"))
+        weight = inputs.get("loss_weight")
+        return loss if weight is None else loss * weight
 
     def denoising_step(self, bundle: ModelBundle, draw: BatchDraw, generator: torch.Generator) -> TrainingStep:
         """A step of the standard objective on the batches `draw` gives: (latents, conditioning or, when the text
-        encoder is trained, the captions' token tensors to encode inside the loss, mask or None)."""
+        encoder is trained, the captions' token tensors to encode inside the loss, mask or None, and optionally the
+        batch's loss weight)."""
 
         def inputs(index: int) -> StepInputs:
-            latents, cond, mask = draw(index)
-            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask)
+            latents, cond, mask, *weight = draw(index)
+            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask, loss_weight=next(iter(weight), None))
             if isinstance(cond, Conditioning):
                 return StepInputs({**tensors, **cond.tensors("cond")})
             return StepInputs({**tensors, **{TOKENS + name: t for name, t in cond.items()}})

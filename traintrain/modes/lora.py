@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 
 from traintrain.config import TrainConfig
-from traintrain.data import DataOptions, LatentDataset, load_image_dataset, tag_frequency
+from traintrain.data import DataOptions, ImageDataset, LatentDataset, load_image_dataset, tag_frequency
+from traintrain.data.regularisation import RegularisedBatches
 from traintrain.data.caption_variation import CaptionOptions, CaptionVariation
 from traintrain.models.bundle import Conditioning, ModelBundle
 from traintrain.modes.common import (
@@ -78,28 +80,42 @@ class PromptCache:
         return Conditioning.cat([self._cache[p] for p in prompts])
 
 
+def regularisation_images(config: TrainConfig) -> ImageDataset | None:
+    """The regularisation images (own captions, no trigger word, their own repeats), None when no folder is set."""
+    if not config.reg_data_directory.strip():
+        return None
+    options = dataclasses.replace(data_options(config), trigger_word="", num_multiply=config.reg_num_multiply)
+    return load_image_dataset(Path(config.reg_data_directory), options)
+
+
 def train_lora(ctx: RunContext) -> TrainResult:
-    """Train and save a LoRA from `lora_data_directory`."""
+    """Train and save a LoRA from `lora_data_directory` (with prior preservation on `reg_data_directory`)."""
     config = ctx.config
     images = load_image_dataset(Path(config.lora_data_directory), data_options(config))
+    reg_images = regularisation_images(config)
     with prepared_model(ctx, config) as bundle:
         generator = seeded_generator(config.resolved_seed(), bundle.device)
         sampler = torch.Generator().manual_seed(config.resolved_seed())  # batches are drawn on the CPU
         with torch.no_grad():
             dataset = LatentDataset.build(images, bundle.encode_images)
-        del images
+            regularisation = None if reg_images is None else LatentDataset.build(reg_images, bundle.encode_images)
+        del images, reg_images
         if config.logging_verbose:
             log.info("Dataset: %s", dataset.summary())
+        batches = RegularisedBatches(dataset, regularisation)
         network = build_network(ctx, config, text_encoder=TEXT_BLOCK in config.network_blocks)
         captions = CaptionVariation(caption_options(config), config.resolved_seed())
         live = bool(network.text_encoder_names)
-        prompts = PromptCache(bundle, dataset.prompts, live=live, varied=captions.options.varies)
+        all_prompts = dataset.prompts + (regularisation.prompts if regularisation else [])
+        prompts = PromptCache(bundle, all_prompts, live=live, varied=captions.options.varies)
         objective = Objective(bundle, config)
+        weights = {flag: torch.tensor(w, device=bundle.device) for flag, w in ((False, 1.0), (True, config.reg_loss_weight))}
 
-        def draw(_index: int) -> tuple[torch.Tensor, Conditioning | dict[str, torch.Tensor], torch.Tensor | None]:
-            batch = dataset.sample_batch(config.train_batch_size, sampler)
+        def draw(_index: int) -> tuple:
+            batch, regular = batches.sample_batch(config.train_batch_size, sampler)
             mask = None if batch.masks is None else batch.masks.to(bundle.device)
-            return batch.latents.to(bundle.device), prompts(captions(batch.prompts)), mask
+            weight = weights[regular] if regularisation is not None else None
+            return batch.latents.to(bundle.device), prompts(captions(batch.prompts)), mask, weight
 
         step = objective.denoising_step(bundle, draw, generator)
         tags = tag_frequency(dataset.prompts)
