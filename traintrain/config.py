@@ -193,6 +193,10 @@ class TrainConfig:
     )
     reg_num_multiply: int = _adv2(1, TEXTBOX, ("L",), help="Repeats of the regularisation images (sets their share).")
     reg_loss_weight: float = _adv2(1.0, TEXTBOX, ("L",), help="Loss weight of regularisation batches.")
+    cache_latents_to_disk: bool = _adv2(
+        False, CHECKBOX, ("L", "M"), help="Keep each image's latents in logs/latents/ (keyed by image, size and VAE): "
+        "reruns on the same folder skip the VAE."
+    )
     train_gradient_accumulation_steps: int = _adv3(
         1, TEXTBOX, ALL, help="Batches per optimizer step: k steps of batch b train like one of batch k·b."
     )

@@ -18,6 +18,7 @@ from traintrain.modes.common import (
     RunContext,
     TrainResult,
     build_network,
+    image_encoder,
     prepared_model,
     seeded_generator,
     train_network,
@@ -111,7 +112,7 @@ def train_multi_addift(ctx: RunContext) -> TrainResult:
         generator = seeded_generator(config.resolved_seed(), bundle.device)
         sampler = torch.Generator().manual_seed(config.resolved_seed())  # batches are drawn on the CPU
         with torch.no_grad():
-            dataset = PairedLatentDataset.build(pairs, bundle.encode_images)
+            dataset = PairedLatentDataset.build(pairs, image_encoder(ctx, config))
         del pairs
         network = build_network(ctx, config, text_encoder=False)
         prompts = PromptCache(bundle, dataset.prompts, live=False)

@@ -15,6 +15,7 @@ import torch
 from traintrain.config import TrainConfig
 from traintrain.config_fields import parse_block_weights
 from traintrain.csvlog import CsvLog
+from traintrain.data.latent_cache import CachedEncoder
 from traintrain.diffusion import NoiseSchedule, weighted_loss
 from traintrain.files import free_path, inside, output_path
 from traintrain.loop import LoopResult, LoopSettings, run_loop
@@ -217,6 +218,13 @@ class Objective:
             self.schedule, prediction, target, timesteps, kind=c.train_loss_function, snr_gamma=c.train_snr_gamma,
             mask=mask, debiased=c.train_debiased_estimation,
         )  # fmt: skip
+
+
+def image_encoder(ctx: RunContext, config: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The VAE encoder of the run's images: through the disk cache in `logs/latents/` when `cache latents to disk`."""
+    if not config.cache_latents_to_disk:
+        return ctx.bundle.encode_images
+    return CachedEncoder(ctx.bundle.encode_images, ctx.dirs.logs / "latents", ctx.bundle.device)
 
 
 def seeded_generator(seed: int, device: torch.device) -> torch.Generator:

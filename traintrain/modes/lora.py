@@ -10,6 +10,7 @@ import torch
 
 from traintrain.config import TrainConfig
 from traintrain.data import DataOptions, ImageDataset, LatentDataset, load_image_dataset, tag_frequency
+from traintrain.data.latent_cache import CachedEncoder
 from traintrain.data.regularisation import RegularisedBatches
 from traintrain.data.caption_variation import CaptionOptions, CaptionVariation
 from traintrain.models.bundle import Conditioning, ModelBundle
@@ -18,6 +19,7 @@ from traintrain.modes.common import (
     RunContext,
     TrainResult,
     build_network,
+    image_encoder,
     prepared_model,
     seeded_generator,
     train_network,
@@ -96,10 +98,13 @@ def train_lora(ctx: RunContext) -> TrainResult:
     with prepared_model(ctx, config) as bundle:
         generator = seeded_generator(config.resolved_seed(), bundle.device)
         sampler = torch.Generator().manual_seed(config.resolved_seed())  # batches are drawn on the CPU
+        encode = image_encoder(ctx, config)
         with torch.no_grad():
-            dataset = LatentDataset.build(images, bundle.encode_images)
-            regularisation = None if reg_images is None else LatentDataset.build(reg_images, bundle.encode_images)
+            dataset = LatentDataset.build(images, encode)
+            regularisation = None if reg_images is None else LatentDataset.build(reg_images, encode)
         del images, reg_images
+        if isinstance(encode, CachedEncoder):
+            log.info("Latents: %s", encode.summary())
         if config.logging_verbose:
             log.info("Dataset: %s", dataset.summary())
         batches = RegularisedBatches(dataset, regularisation)
