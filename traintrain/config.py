@@ -513,6 +513,8 @@ _RULES: tuple[Rule, ...] = (
     _within("train_max_grad_norm", 0, 1e6, note=" (0 = off)"),
     _within("train_ema_decay", 0, 1, below_high=True, note=" (0 = off)"),
     (("network_block_lr_weights",), _block_weights_problem),
+    _rule("network_type network_strength", lambda c: c.network_type != "dora" or c.network_strength == 1,
+          "'network strength' must be 1 with dora (its magnitudes do not scale): set the weight in the prompt instead."),
     _rule("resume_training_state", lambda c: not c.resume_training_state.strip() or _is_file(c.resume_training_state),
           "'resume training state' {c.resume_training_state!r} is not a file: give the full path of a saved state."),
     _rule("mode resume_training_state", lambda c: c.mode != "Difference" or not c.resume_training_state.strip(),

@@ -22,7 +22,7 @@ MODES = ("LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT")
 MODE_CODES = {"LoRA": "L", "iLECO": "I", "Difference": "D", "ADDifT": "A", "Multi-ADDifT": "M"}
 SECOND_PASS_CODE = "P2"
 
-NETWORK_TYPES = ("lierla", "c3lier", "loha")
+NETWORK_TYPES = ("lierla", "c3lier", "loha", "lokr", "dora")  # lokr, dora: beyond the original
 RANK_CHOICES = tuple(2**i for i in range(2, 11))  # 4 … 1024
 ALPHA_CHOICES = tuple(2.0**i for i in range(-5, 11))  # 0.03125 … 1024
 CONV_RANK_CHOICES = (0, *RANK_CHOICES)  # 0 = network rank

@@ -14,7 +14,10 @@ from safetensors.torch import save_file
 from traintrain.errors import TrainTrainError
 from traintrain.files import atomic_path
 from traintrain.models.bundle import LoraTarget
-from traintrain.networks.modules import ADAPTERS, AdapterModule, LoHaModule, LoRAModule
+from traintrain.networks.adapters import ADAPTER_KINDS
+from traintrain.networks.dora import DoRAModule
+from traintrain.networks.lokr import LoKrModule
+from traintrain.networks.modules import AdapterModule, LoHaModule, LoRAModule
 from traintrain.networks.network import Network, NetworkSpec
 
 
@@ -26,7 +29,9 @@ def network_tensors(network: Network, dtype: torch.dtype, strength: float = 1.0)
     """
     tensors: dict[str, torch.Tensor] = {}
     for name, adapter in network.adapters.items():
-        if isinstance(adapter, LoRAModule):
+        if isinstance(adapter, (LoKrModule, DoRAModule)):
+            tensors.update({f"{name}.{key}": t for key, t in adapter.file_tensors(strength).items()})
+        elif isinstance(adapter, LoRAModule):
             tensors[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach()
             tensors[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach() * strength
         elif isinstance(adapter, LoHaModule):
@@ -82,7 +87,7 @@ def unscaled(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: s
         return tensors
     if strength == 0.0 or not math.isfinite(strength):
         raise TrainTrainError(f"{name} was saved with network strength {strength}: its trained weights are lost.")
-    scaled = (".lora_up.weight", ".hada_w1_a")
+    scaled = (".lora_up.weight", ".hada_w1_a", ".lokr_w1")
     return {key: t / strength if key.endswith(scaled) else t for key, t in tensors.items()}
 
 
@@ -97,7 +102,10 @@ def load_into(network: Network, tensors: dict[str, torch.Tensor]) -> None:
         if f"{name}.alpha" not in tensors:
             raise TrainTrainError(f"The LoRA file has no weights for {name}: it was made for another model or type.")
         try:
-            if isinstance(adapter, LoRAModule):
+            if isinstance(adapter, (LoKrModule, DoRAModule)):
+                prefix = name + "."
+                adapter.load_file_tensors({k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)})
+            elif isinstance(adapter, LoRAModule):
                 adapter.lora_down.weight.data.copy_(tensors[f"{name}.lora_down.weight"])
                 adapter.lora_up.weight.data.copy_(tensors[f"{name}.lora_up.weight"])
             else:
@@ -109,8 +117,12 @@ def load_into(network: Network, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _adapter_shape(tensors: dict[str, torch.Tensor], name: str) -> tuple[str, int, float]:
-    """(adapter kind 'lora'|'loha', rank, alpha) of one module of a file; no alpha means alpha = rank."""
-    if f"{name}.hada_w1_a" in tensors:
+    """(adapter kind 'lora'|'loha'|'lokr'|'dora', rank, alpha) of one module of a file; no alpha means alpha = rank."""
+    if f"{name}.lokr_w1" in tensors:
+        kind, rank = "lokr", int(tensors[f"{name}.lokr_w2_b"].shape[0])
+    elif f"{name}.dora_scale" in tensors:
+        kind, rank = "dora", int(tensors[f"{name}.lora_down.weight"].shape[0])
+    elif f"{name}.hada_w1_a" in tensors:
         kind, rank = "loha", int(tensors[f"{name}.hada_w1_a"].shape[1])
     elif f"{name}.lora_down.weight" in tensors:
         kind, rank = "lora", int(tensors[f"{name}.lora_down.weight"].shape[0])
@@ -138,7 +150,7 @@ def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bo
     adapters: dict[str, AdapterModule] = {}
     for name in names:
         kind, rank, alpha = _adapter_shape(tensors, name)
-        adapters[name] = ADAPTERS[kind](layers[name], rank, alpha)
+        adapters[name] = ADAPTER_KINDS[kind](layers[name], rank, alpha)
     blocks = {t.name: t.block for t in targets if t.name in adapters}
     network = Network(_spec_of(adapters), adapters, {n: layers[n] for n in names}, blocks)
     load_into(network, tensors)
@@ -149,7 +161,7 @@ def _spec_of(adapters: dict[str, AdapterModule]) -> NetworkSpec:
     """The network type, ranks and alphas a loaded file actually has (for its metadata when saved again)."""
     first = next(iter(adapters.values()))
     spatial = [a for a in adapters.values() if a.is_conv and a.kernel != (1, 1)]
-    network_type = "loha" if first.kind == "loha" else ("c3lier" if spatial else "lierla")
+    network_type = first.kind if first.kind in ("loha", "lokr", "dora") else ("c3lier" if spatial else "lierla")
     conv_rank, conv_alpha = (spatial[0].rank, float(spatial[0].alpha)) if spatial else (0, 0.0)
     return NetworkSpec(network_type, first.rank, float(first.alpha), conv_rank, conv_alpha)
 
@@ -174,9 +186,12 @@ def training_metadata(
     module = "networks.lora"
     if network_type == "c3lier":
         args = {"conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha), "algo": "locon"}
-    elif network_type == "loha":
+    elif network_type in ("loha", "lokr", "dora"):
         module = "lycoris.kohya"
-        args = {"algo": "loha", "conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha)}
+        algo = {"loha": "loha", "lokr": "lokr", "dora": "locon"}[network_type]
+        args = {"algo": algo, "conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha)}
+        if network_type == "dora":
+            args["dora_wd"] = "True"
     meta = {
         "ss_session_id": str(int(started_at * 1000) % 2**31),
         "ss_training_started_at": str(started_at),
@@ -204,5 +219,5 @@ def _architecture(base_model_version: str, network_type: str) -> str:
         "sd_v2": "stable-diffusion-v2-768-v",
         "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
     }
-    suffix = "lora" if network_type != "loha" else "lycoris-loha"
+    suffix = {"loha": "lycoris-loha", "lokr": "lycoris-lokr"}.get(network_type, "lora")
     return f"{family.get(base_model_version, base_model_version)}/{suffix}"

@@ -20,7 +20,8 @@ from traintrain.models.bundle import (
     LoraTarget,
 )
 from traintrain.models.targets import TEXT_BLOCK
-from traintrain.networks.modules import ADAPTERS, AdapterModule
+from traintrain.networks.adapters import ADAPTER_KINDS, KIND_OF_NETWORK_TYPE
+from traintrain.networks.modules import AdapterModule
 
 
 
@@ -58,7 +59,7 @@ class NetworkSpec:
         if self.element == "SelfAttention":
             return target.role == ROLE_SELF_ATTN
         if target.role == ROLE_RESNET:
-            return self.network_type in ("c3lier", "loha")
+            return self.network_type in ("c3lier", "loha", "lokr", "dora")
         if target.role in (ROLE_SELF_ATTN, ROLE_CROSS_ATTN, ROLE_TRANSFORMER, ROLE_TEXT):
             return self.network_type != "lierla" or _is_pointwise(target.module)
         return False
@@ -95,7 +96,7 @@ class Network(nn.Module):
     def build(cls, spec: NetworkSpec, targets: list[LoraTarget], only: set[str] | None = None) -> "Network":
         """Create an adapter for every accepted target (or, with `only`, for exactly those names)."""
         spec.check()
-        adapter_cls = ADAPTERS["loha" if spec.network_type == "loha" else "lora"]
+        adapter_cls = ADAPTER_KINDS[KIND_OF_NETWORK_TYPE[spec.network_type]]
         adapters: dict[str, AdapterModule] = {}
         layers: dict[str, nn.Module] = {}
         blocks = {target.name: target.block for target in targets}
