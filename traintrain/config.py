@@ -212,6 +212,9 @@ class TrainConfig:
         "", TEXTBOX, ("L", "I", "A", "M"), help="Full path of a saved training state: the run goes on from its step "
         "(same settings and seed), its loss curve continuing."
     )
+    network_loha_tucker: bool = _adv3(
+        False, CHECKBOX, ALL, help="loha: 3×3 convolutions get Tucker factors (hada_t1 / hada_t2), as LyCORIS use_tucker."
+    )
     network_block_lr_weights: str = _adv3(
         "", TEXTBOX, ALL, help="Learning-rate weight per block, e.g. IN00=0.5, OUT11=2 (BASE: text encoder; others 1)."
     )
@@ -513,6 +516,8 @@ _RULES: tuple[Rule, ...] = (
     _within("train_max_grad_norm", 0, 1e6, note=" (0 = off)"),
     _within("train_ema_decay", 0, 1, below_high=True, note=" (0 = off)"),
     (("network_block_lr_weights",), _block_weights_problem),
+    _rule("network_type network_loha_tucker", lambda c: c.network_type == "loha" or not c.network_loha_tucker,
+          "'network loha tucker' needs network type loha, not {c.network_type}."),
     _rule("network_type network_strength", lambda c: c.network_type != "dora" or c.network_strength == 1,
           "'network strength' must be 1 with dora (its magnitudes do not scale): set the weight in the prompt instead."),
     _rule("resume_training_state", lambda c: not c.resume_training_state.strip() or _is_file(c.resume_training_state),

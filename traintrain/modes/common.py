@@ -87,6 +87,7 @@ def network_spec(config: TrainConfig, *, text_encoder: bool) -> NetworkSpec:
         conv_alpha=config.network_conv_alpha,
         element=config.network_element,
         blocks=blocks,
+        tucker=config.network_loha_tucker,
     )
 
 
@@ -284,6 +285,7 @@ class LoraWriter:
             tag_frequency=self.tags,
             started_at=self.ctx.started_at,
             steps=steps,
+            tucker=spec.tucker,
         )
         save_network(path, self.network, metadata, precision_dtype(c.save_precision), c.network_strength, steps)
         self.saved.append(path)

@@ -16,6 +16,7 @@ from traintrain.files import atomic_path
 from traintrain.models.bundle import LoraTarget
 from traintrain.networks.adapters import ADAPTER_KINDS
 from traintrain.networks.dora import DoRAModule
+from traintrain.networks.loha_tucker import LoHaTuckerModule
 from traintrain.networks.lokr import LoKrModule
 from traintrain.networks.modules import AdapterModule, LoHaModule, LoRAModule
 from traintrain.networks.network import Network, NetworkSpec
@@ -29,7 +30,7 @@ def network_tensors(network: Network, dtype: torch.dtype, strength: float = 1.0)
     """
     tensors: dict[str, torch.Tensor] = {}
     for name, adapter in network.adapters.items():
-        if isinstance(adapter, (LoKrModule, DoRAModule)):
+        if isinstance(adapter, (LoKrModule, DoRAModule, LoHaTuckerModule)):
             tensors.update({f"{name}.{key}": t for key, t in adapter.file_tensors(strength).items()})
         elif isinstance(adapter, LoRAModule):
             tensors[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach()
@@ -102,7 +103,7 @@ def load_into(network: Network, tensors: dict[str, torch.Tensor]) -> None:
         if f"{name}.alpha" not in tensors:
             raise TrainTrainError(f"The LoRA file has no weights for {name}: it was made for another model or type.")
         try:
-            if isinstance(adapter, (LoKrModule, DoRAModule)):
+            if isinstance(adapter, (LoKrModule, DoRAModule, LoHaTuckerModule)):
                 prefix = name + "."
                 adapter.load_file_tensors({k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)})
             elif isinstance(adapter, LoRAModule):
@@ -122,6 +123,8 @@ def _adapter_shape(tensors: dict[str, torch.Tensor], name: str) -> tuple[str, in
         kind, rank = "lokr", int(tensors[f"{name}.lokr_w2_b"].shape[0])
     elif f"{name}.dora_scale" in tensors:
         kind, rank = "dora", int(tensors[f"{name}.lora_down.weight"].shape[0])
+    elif f"{name}.hada_t1" in tensors:
+        kind, rank = "loha_tucker", int(tensors[f"{name}.hada_w1_b"].shape[0])
     elif f"{name}.hada_w1_a" in tensors:
         kind, rank = "loha", int(tensors[f"{name}.hada_w1_a"].shape[1])
     elif f"{name}.lora_down.weight" in tensors:
@@ -161,9 +164,11 @@ def _spec_of(adapters: dict[str, AdapterModule]) -> NetworkSpec:
     """The network type, ranks and alphas a loaded file actually has (for its metadata when saved again)."""
     first = next(iter(adapters.values()))
     spatial = [a for a in adapters.values() if a.is_conv and a.kernel != (1, 1)]
+    kinds = {a.kind for a in adapters.values()}
     network_type = first.kind if first.kind in ("loha", "lokr", "dora") else ("c3lier" if spatial else "lierla")
+    network_type = "loha" if "loha_tucker" in kinds else network_type
     conv_rank, conv_alpha = (spatial[0].rank, float(spatial[0].alpha)) if spatial else (0, 0.0)
-    return NetworkSpec(network_type, first.rank, float(first.alpha), conv_rank, conv_alpha)
+    return NetworkSpec(network_type, first.rank, float(first.alpha), conv_rank, conv_alpha, tucker="loha_tucker" in kinds)
 
 
 def training_metadata(
@@ -180,6 +185,7 @@ def training_metadata(
     tag_frequency: dict[str, int],
     started_at: float,
     steps: int,
+    tucker: bool = False,
 ) -> dict[str, str]:
     """kohya `ss_*` keys (and a few `modelspec.*`) as strings; the WebUI's Lora card shows them."""
     args: dict[str, str] = {}
@@ -192,6 +198,8 @@ def training_metadata(
         args = {"algo": algo, "conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha)}
         if network_type == "dora":
             args["dora_wd"] = "True"
+        if tucker and network_type == "loha":
+            args["use_tucker"] = "True"
     meta = {
         "ss_session_id": str(int(started_at * 1000) % 2**31),
         "ss_training_started_at": str(started_at),

@@ -21,7 +21,8 @@ from traintrain.models.bundle import (
 )
 from traintrain.models.targets import TEXT_BLOCK
 from traintrain.networks.adapters import ADAPTER_KINDS, KIND_OF_NETWORK_TYPE
-from traintrain.networks.modules import AdapterModule
+from traintrain.networks.loha_tucker import LoHaTuckerModule
+from traintrain.networks.modules import AdapterModule, LoHaModule
 
 
 
@@ -36,6 +37,7 @@ class NetworkSpec:
     conv_alpha: float = 0.0  # 0 = alpha
     element: str = "Full"
     blocks: list[str] | None = None  # None = every block; [] = none (only BASE ticked in a UNet-only mode)
+    tucker: bool = False  # loha: k×k convs get Tucker factors
 
     def check(self) -> None:
         """Refuse combinations that cannot be built, with a message saying what to change."""
@@ -104,7 +106,8 @@ class Network(nn.Module):
             if (only is not None and target.name not in only) or (only is None and not spec.accepts(target)):
                 continue
             rank, alpha = spec.rank_alpha_for(target.module)
-            adapters[target.name] = adapter_cls(target.module, rank, alpha)
+            tucker = spec.tucker and adapter_cls is LoHaModule and not _is_pointwise(target.module)
+            adapters[target.name] = (LoHaTuckerModule if tucker else adapter_cls)(target.module, rank, alpha)
             layers[target.name] = target.module
         if not adapters:
             raise TrainTrainError(
