@@ -212,6 +212,9 @@ class TrainConfig:
         "", TEXTBOX, ("L", "I", "A", "M"), help="Full path of a saved training state: the run goes on from its step "
         "(same settings and seed), its loss curve continuing."
     )
+    logging_tensorboard: bool = _adv3(
+        False, CHECKBOX, ALL, help="Also log loss and learning rates as TensorBoard events in logs/tensorboard/."
+    )
     network_loha_tucker: bool = _adv3(
         False, CHECKBOX, ALL, help="loha: 3×3 convolutions get Tucker factors (hada_t1 / hada_t2), as LyCORIS use_tucker."
     )

@@ -28,6 +28,7 @@ from traintrain.optim import (
     needs_metric,
 )
 from traintrain.progress import Progress, ProgressCallback, StopFlag
+from traintrain.tensorboard import EventWriter
 from traintrain.step import AccumulatingSteps, EagerSteps, OptimizerStep, StepInputs, TrainingStep
 from traintrain.train_state import TrainingState, capture_state, restore_state
 
@@ -88,6 +89,7 @@ def run_loop(
     phase: str = "",
     save_state: StateSaver | None = None,
     resume: TrainingState | None = None,
+    tensorboard: EventWriter | None = None,
 ) -> LoopResult:
     """Train `network` for `settings.iterations` steps of `step`; periodic saves go through `save`, and the full
     training state (periodic, on stop, at the end) through `save_state` when given. With `resume` the run goes on
@@ -149,10 +151,15 @@ def run_loop(
                 scheduler.step(value)
             if csv_log is not None:
                 csv_log.add(number, value, lrs)
+            if tensorboard is not None:
+                names = [str(group.get("name", i)) for i, group in enumerate(optimizer.param_groups)]
+                tensorboard.scalars(number, {"loss": value, **{f"lr/{n}": lr for n, lr in zip(names, lrs)}})
         last_step = pending[-1][0]
         pending.clear()
         if csv_log is not None:
             csv_log.flush()
+        if tensorboard is not None:
+            tensorboard.flush()
         if progress is not None:
             elapsed = time.monotonic() - started
             eta = elapsed / (last_step - start) * (settings.iterations - last_step)

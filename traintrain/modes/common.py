@@ -29,6 +29,7 @@ from traintrain.noise import NoiseOptions, draw_noise
 from traintrain.precision import autocast_dtype, precision_dtype
 from traintrain.progress import ProgressCallback, StopFlag
 from traintrain.step import StepInputs, TrainingStep, tensors_without_none
+from traintrain.tensorboard import EventWriter
 from traintrain.timesteps import TimestepSampling, draw_timesteps
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,8 @@ def train_network(
     """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too)."""
     writer = LoraWriter(ctx, config, network, stem, tags or {})
     states = StateWriter(ctx.dirs.logs / "states", stem, config.save_overwrite) if config.save_training_state else None
-    with network.applied():
+    tensorboard = EventWriter(ctx.dirs.logs / "tensorboard" / f"{stem}-{ctx.stamp}") if config.logging_tensorboard else None
+    with network.applied(), contextlib.closing(tensorboard) if tensorboard else contextlib.nullcontext():
         weights = parse_block_weights(config.network_block_lr_weights)
         csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0, None, weights)))
         result = run_loop(
@@ -338,6 +340,7 @@ def train_network(
             phase=phase,
             save_state=states,
             resume=state_to_resume(config),
+            tensorboard=tensorboard,
         )
     finished = finish(ctx, writer, result, save_final=save_final)
     if states is not None and states.saved:
