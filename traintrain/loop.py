@@ -28,8 +28,8 @@ from traintrain.optim import (
     needs_metric,
 )
 from traintrain.progress import Progress, ProgressCallback, StopFlag
-from traintrain.tensorboard import EventWriter
 from traintrain.step import AccumulatingSteps, EagerSteps, OptimizerStep, StepInputs, TrainingStep
+from traintrain.tensorboard import EventWriter
 from traintrain.train_state import TrainingState, capture_state, restore_state
 
 log = logging.getLogger(__name__)
