@@ -90,7 +90,7 @@ def test_defaults_match_the_original():
 
 def test_choice_lists():
     assert MODES == ("LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT")
-    assert NETWORK_TYPES == ("lierla", "c3lier", "loha") and ELEMENTS == ("Full", "CrossAttention", "SelfAttention")
+    assert NETWORK_TYPES == ("lierla", "c3lier", "loha", "lokr", "dora") and ELEMENTS == ("Full", "CrossAttention", "SelfAttention")
     assert RANK_CHOICES == (4, 8, 16, 32, 64, 128, 256, 512, 1024) and CONV_RANK_CHOICES == (0, *RANK_CHOICES)
     assert ALPHA_CHOICES[0] == 0.03125 and ALPHA_CHOICES[-1] == 1024 and len(ALPHA_CHOICES) == 16
     assert all(b == 2 * a for a, b in zip(ALPHA_CHOICES, ALPHA_CHOICES[1:])) and CONV_ALPHA_CHOICES[0] == 0

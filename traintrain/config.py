@@ -39,11 +39,13 @@ from traintrain.config_fields import (
     SAVE_PRECISIONS,
     SECOND_PASS_CODE,
     TEXTAREA,
+    TIMESTEP_SAMPLINGS,
     TEXTBOX,
     VAE_PRECISIONS,
     FieldSpec,
     canonical_choice,
     own_learning_rate,
+    parse_block_weights,
     parse_step_rules,
     sanitize_name,
 )
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 ALL = ("L", "I", "D", "P2", "A", "M")  # every mode and the Difference 2nd-pass panel
 EVERY_MODE = ("L", "I", "D", "A", "M")  # every mode; pass 2 takes the 1st pass's value
+DENOISING = ("L", "D", "P2", "A", "M")  # modes that noise training latents
+SAMPLED_TIMESTEPS = ("L", "I", "D", "P2")  # modes that draw timesteps (ADDifT walks a ladder)
 
 # Upper bounds of the numeric settings: far above any useful value, low enough that nothing hangs or overflows.
 MAX_RANK = 1024  # rank and alpha, conv included (the dropdowns' largest choice)
@@ -79,6 +83,7 @@ def setting(default: Any, widget: str, shown_in: tuple[str, ...], *, section: st
 _general = partial(setting, section="general")
 _req1, _req2, _req3 = (partial(setting, section="required", column=n) for n in (1, 2, 3))
 _opt1, _opt2, _opt3 = (partial(setting, section="options", column=n) for n in (1, 2, 3))
+_adv1, _adv2, _adv3 = (partial(setting, section="advanced", column=n) for n in (1, 2, 3))
 _prompt = partial(setting, section="prompts")
 _image = partial(setting, section="images")
 
@@ -173,6 +178,67 @@ class TrainConfig:
     clip_skip: int = _opt3(
         1, TEXTBOX, EVERY_MODE, help="SD1: condition on the N-th text-encoder layer from the last (anime models: 2). "
         "1: the last layer, or in the WebUI its own Clip skip setting."
+    )
+    # Advanced options (beyond the original): noise and timesteps, captions, optimisation. Defaults keep them off.
+    train_noise_offset: float = _adv1(
+        0.0, TEXTBOX, DENOISING, help="Adds offset·N(0,1) per image and channel to the noise (darker darks, brighter "
+        "lights); about 0.05. 0: off."
+    )
+    train_multires_noise_iterations: int = _adv1(
+        0, TEXTBOX, DENOISING, help="Pyramid noise: levels of coarser noise added; about 6–10. 0: off."
+    )
+    train_multires_noise_discount: float = _adv1(0.3, TEXTBOX, DENOISING, help="Weight ratio between pyramid levels.")
+    train_input_perturbation: float = _adv1(
+        0.0, TEXTBOX, ("L", "D", "P2"), help="Extra noise on the model input only (not the target); about 0.1. 0: off."
+    )
+    train_timestep_sampling: str = _adv1(
+        "uniform", DROPDOWN, SAMPLED_TIMESTEPS, choices=TIMESTEP_SAMPLINGS,
+        help="uniform; logit_normal (most steps mid-range); shifted (toward noisier steps when shift > 1).",
+    )  # fmt: skip
+    train_timestep_logit_mean: float = _adv1(0.0, TEXTBOX, SAMPLED_TIMESTEPS, help="logit_normal: mean.")
+    train_timestep_logit_std: float = _adv1(1.0, TEXTBOX, SAMPLED_TIMESTEPS, help="logit_normal: spread.")
+    train_timestep_shift: float = _adv1(3.0, TEXTBOX, SAMPLED_TIMESTEPS, help="shifted: t·s / (1 + (s-1)·t).")
+    train_debiased_estimation: bool = _adv1(
+        False, CHECKBOX, ALL, help="Weight the loss by 1/√SNR (1/(SNR+1) for v-prediction), beside min-SNR."
+    )
+    caption_shuffle_tags: bool = _adv2(False, CHECKBOX, ("L",), help="Shuffle the comma-separated tags every step.")
+    caption_keep_tokens: int = _adv2(
+        0, TEXTBOX, ("L",), help="Tags kept first and in place by shuffle and tag dropout (the trigger word is one)."
+    )
+    caption_dropout_rate: float = _adv2(0.0, TEXTBOX, ("L",), help="Share of steps trained on an empty caption.")
+    caption_tag_dropout_rate: float = _adv2(0.0, TEXTBOX, ("L",), help="Chance to drop each tag (not the kept ones).")
+    reg_data_directory: str = _adv2(
+        "", TEXTBOX, ("L",), help="Regularisation (class) images with captions, for prior preservation; empty: none."
+    )
+    reg_num_multiply: int = _adv2(1, TEXTBOX, ("L",), help="Repeats of the regularisation images (sets their share).")
+    reg_loss_weight: float = _adv2(1.0, TEXTBOX, ("L",), help="Loss weight of regularisation batches.")
+    cache_latents_to_disk: bool = _adv2(
+        False, CHECKBOX, ("L", "M"), help="Keep each image's latents in logs/latents/ (keyed by image, size and VAE): "
+        "reruns on the same folder skip the VAE."
+    )
+    train_gradient_accumulation_steps: int = _adv3(
+        1, TEXTBOX, ALL, help="Batches per optimizer step: k steps of batch b train like one of batch k·b."
+    )
+    train_max_grad_norm: float = _adv3(0.0, TEXTBOX, ALL, help="Clip the gradient norm to this; 0: off.")
+    train_ema_decay: float = _adv3(
+        0.0, TEXTBOX, ALL, help="Keep an EMA of the LoRA weights and save it instead; about 0.999. 0: off."
+    )
+    save_training_state: bool = _adv3(
+        False, CHECKBOX, ALL, help="With every save (save per steps, on stop, at the end) also write the full "
+        "training state (weights, optimizer, scheduler, step) to logs/states/, to resume from."
+    )
+    resume_training_state: str = _adv3(
+        "", TEXTBOX, ("L", "I", "A", "M"), help="Full path of a saved training state: the run goes on from its step "
+        "(same settings and seed), its loss curve continuing."
+    )
+    logging_tensorboard: bool = _adv3(
+        False, CHECKBOX, ALL, help="Also log loss and learning rates as TensorBoard events in logs/tensorboard/."
+    )
+    network_loha_tucker: bool = _adv3(
+        False, CHECKBOX, ALL, help="loha: 3×3 convolutions get Tucker factors (hada_t1 / hada_t2), as LyCORIS use_tucker."
+    )
+    network_block_lr_weights: str = _adv3(
+        "", TEXTBOX, ALL, help="Learning-rate weight per block, e.g. IN00=0.5, OUT11=2 (BASE: text encoder; others 1)."
     )
     use_2nd_pass_settings: bool = setting(
         False, CHECKBOX, (SECOND_PASS_CODE,), section="second pass", help="Stored on the 1st-pass config."
@@ -335,6 +401,14 @@ def _step_rules_problem(c: TrainConfig) -> str:
     return ""
 
 
+def _block_weights_problem(c: TrainConfig) -> str:
+    try:
+        parse_block_weights(c.network_block_lr_weights)
+    except TrainTrainError as error:
+        return str(error)
+    return ""
+
+
 def _name_problem(c: TrainConfig) -> str:
     name = c.save_lora_name.strip()
     if name and sanitize_name(name) == "untitled" and name.lower() != "untitled":
@@ -384,6 +458,19 @@ def _shown(value: float) -> str:
     """A number for a message: huge integers shortened to their magnitude."""
     text = str(value)
     return text if len(text) <= 20 else f"{text[:6]}… ({len(text)} digits)"
+
+
+def _within(name: str, low: float, high: float, *, below_high: bool = False, note: str = "") -> Rule:
+    """`name` must lie in [low, high] ([low, high) when `below_high`), compared as `_bound` does (no OverflowError)."""
+    bounded = _bound(name, low, high, note=note)[1]
+
+    def problem(c: TrainConfig) -> str:
+        found = bounded(c)
+        if not found and below_high and getattr(c, name) == high:
+            return f"'{FIELD_BY_NAME[name].label}' must be below {high:g}{note}, not {high:g}."
+        return found
+
+    return (name,), problem
 
 
 def _needs(modes: tuple[str, ...], name: str, ok: Callable[[Any], bool], message: str) -> Rule:
@@ -450,4 +537,30 @@ _RULES: tuple[Rule, ...] = (
            "{c.mode} needs an Original Image: {c.original_image!r} is not an image file."),
     _needs(("Difference", "ADDifT"), "target_image", is_file,
            "{c.mode} needs a Target Image: {c.target_image!r} is not an image file."),
+    _within("train_noise_offset", 0, 1, note=" (0 = off)"),
+    _within("train_multires_noise_iterations", 0, 20, note=" (0 = off)"),
+    _within("train_multires_noise_discount", 0, 1),
+    _within("train_input_perturbation", 0, 1, note=" (0 = off)"),
+    _within("train_timestep_logit_mean", -10, 10),
+    _within("train_timestep_logit_std", 0.01, 10),
+    _within("train_timestep_shift", 0.01, 100),
+    _within("caption_keep_tokens", 0, 1000),
+    _within("caption_dropout_rate", 0, 1),
+    _within("caption_tag_dropout_rate", 0, 1),
+    _rule("reg_data_directory", lambda c: not c.reg_data_directory.strip() or is_dir(c.reg_data_directory),
+          "'reg data directory' {c.reg_data_directory!r} is not a folder: give the folder of class images or leave it empty."),
+    _within("reg_num_multiply", 1, 1000),
+    _within("reg_loss_weight", 0, 100),
+    _within("train_gradient_accumulation_steps", 1, 1024),
+    _within("train_max_grad_norm", 0, 1e6, note=" (0 = off)"),
+    _within("train_ema_decay", 0, 1, below_high=True, note=" (0 = off)"),
+    (("network_block_lr_weights",), _block_weights_problem),
+    _rule("network_type network_loha_tucker", lambda c: c.network_type == "loha" or not c.network_loha_tucker,
+          "'network loha tucker' needs network type loha, not {c.network_type}."),
+    _rule("network_type network_strength", lambda c: c.network_type != "dora" or c.network_strength == 1,
+          "'network strength' must be 1 with dora (its magnitudes do not scale): set the weight in the prompt instead."),
+    _rule("resume_training_state", lambda c: not c.resume_training_state.strip() or is_file(c.resume_training_state),
+          "'resume training state' {c.resume_training_state!r} is not a file: give the full path of a saved state."),
+    _rule("mode resume_training_state", lambda c: c.mode != "Difference" or not c.resume_training_state.strip(),
+          "'resume training state' is not available in Difference mode: leave it empty."),
 )  # fmt: skip

@@ -22,7 +22,7 @@ MODES = ("LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT")
 MODE_CODES = {"LoRA": "L", "iLECO": "I", "Difference": "D", "ADDifT": "A", "Multi-ADDifT": "M"}
 SECOND_PASS_CODE = "P2"
 
-NETWORK_TYPES = ("lierla", "c3lier", "loha")
+NETWORK_TYPES = ("lierla", "c3lier", "loha", "lokr", "dora")  # lokr, dora: beyond the original
 RANK_CHOICES = tuple(2**i for i in range(2, 11))  # 4 … 1024
 ALPHA_CHOICES = tuple(2.0**i for i in range(-5, 11))  # 0.03125 … 1024
 CONV_RANK_CHOICES = (0, *RANK_CHOICES)  # 0 = network rank
@@ -50,6 +50,30 @@ MODEL_PRECISIONS = ("model", "fp32", "bf16", "fp16", "int8")  # int8: torchao we
 LORA_PRECISIONS = ("fp32", "bf16", "fp16")
 SAVE_PRECISIONS = ("model", "fp32", "bf16", "fp16")
 VAE_PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Training options beyond the original: how timesteps are drawn, and per-block learning-rate weights.
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")  # uniform: the original's
+
+
+def parse_block_weights(text: str) -> dict[str, float]:
+    """Per-block learning-rate weights "IN00=0.5, OUT11=2" → {"IN00": 0.5, "OUT11": 2.0}; blank → {} (all 1)."""
+    hint = f"'network block lr weights' {text!r}: write BLOCK=weight pairs such as IN00=0.5, OUT11=2 (BASE = text encoder)."
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in text.replace(";", ",").split(",")):
+        if not item:
+            continue
+        block, sep, value = (part.strip() for part in item.partition("="))
+        block = block.upper()
+        try:
+            weight = float(value)
+        except ValueError:
+            raise TrainTrainError(hint) from None
+        if not sep or block not in BLOCKS_SD or block in weights:
+            raise TrainTrainError(hint + " Each block once, from BASE, IN00-IN11, M00, OUT00-OUT11.")
+        if not (math.isfinite(weight) and 0 <= weight <= 100):
+            raise TrainTrainError(hint + " Weights go from 0 to 100.")
+        weights[block] = weight
+    return weights
 
 # Widget kinds of the FieldSpec table.
 DROPDOWN, TEXTBOX, CHECKBOX, CHECKBOXGROUP = "dropdown", "textbox", "checkbox", "checkboxgroup"
@@ -307,8 +331,8 @@ class FieldSpec:
     default: Any
     choices: tuple = ()
     shown_in: tuple[str, ...] = ()  # MODE_CODES values and/or SECOND_PASS_CODE
-    section: str = ""  # general, required, blocks, options, second pass, prompts, images
-    column: int = 0  # 1-3 inside the required / options sections, else 0
+    section: str = ""  # general, required, blocks, options, advanced, second pass, prompts, images
+    column: int = 0  # 1-3 inside the required / options / advanced sections, else 0
     help: str = ""
     saved: bool = True  # False: read from a JSON but never written (the negative prompt)
     blank: bool = False  # the default is written as "" (a blank textbox), as the original did

@@ -44,6 +44,11 @@ class NoiseSchedule:
             return clipped / snr
         return clipped / (snr + 1.0)
 
+    def debiased_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Debiased-estimation loss weights: 1/√SNR for ε, 1/(SNR+1) for v-prediction (SNR capped at 1000)."""
+        snr = torch.clamp(self.snr.to(timesteps.device)[timesteps], max=1000.0)
+        return 1.0 / snr.sqrt() if self.prediction == "epsilon" else 1.0 / (snr + 1.0)
+
     def sample_timesteps(
         self, batch: int, low: int, high: int, generator: torch.Generator, *, shared: bool = False
     ) -> torch.Tensor:
@@ -85,9 +90,13 @@ def weighted_loss(
     kind: str = "MSE",
     snr_gamma: float = 0.0,
     mask: torch.Tensor | None = None,
+    debiased: bool = False,
 ) -> torch.Tensor:
-    """The batch loss: per-sample loss, min-SNR weighted when `snr_gamma` > 0, averaged over the batch."""
+    """The batch loss: per-sample loss, min-SNR weighted when `snr_gamma` > 0 and debiased-estimation weighted when
+    `debiased`, averaged over the batch."""
     loss = per_sample_loss(prediction, target, kind, mask)
     if snr_gamma > 0:
         loss = loss * schedule.snr_weights(timesteps, snr_gamma)
+    if debiased:
+        loss = loss * schedule.debiased_weights(timesteps)
     return loss.mean()

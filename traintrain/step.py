@@ -58,8 +58,10 @@ class OptimizerStep:
         device: torch.device,
         *,
         compile: bool = False,
+        max_grad_norm: float = 0.0,
     ) -> None:
         self.loss, self.optimizer, self.autocast_dtype, self.device = loss, optimizer, autocast_dtype, device
+        self.max_grad_norm = max_grad_norm  # 0: no clipping
         self.compiled = torch.compile(loss, dynamic=False) if compile else None
         fp16_on_cuda = autocast_dtype is torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
@@ -85,7 +87,12 @@ class OptimizerStep:
         return loss.detach()
 
     def apply(self) -> None:
-        """The optimizer step on the gradients there are (through the gradient scaler for fp16)."""
+        """The optimizer step on the gradients there are (through the gradient scaler for fp16), their norm clipped
+        to `max_grad_norm` first when set."""
+        if self.max_grad_norm > 0:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm, foreach=True)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -159,4 +166,20 @@ class EagerSteps:
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
         loss = self.step(inputs)
         self.step.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+class AccumulatingSteps:
+    """Gradient accumulation: every call adds one batch's gradients; every `count`-th call steps the optimizer on
+    their sum and drops them (the step's loss divides each batch's loss by `count`, so the sum is their mean's)."""
+
+    def __init__(self, step: OptimizerStep, count: int) -> None:
+        self.step, self.count, self.calls = step, count, 0
+
+    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        loss = self.step.forward_backward(inputs)
+        self.calls += 1
+        if self.calls % self.count == 0:
+            self.step.apply()
+            self.step.optimizer.zero_grad(set_to_none=True)
         return loss

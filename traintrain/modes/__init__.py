@@ -10,6 +10,7 @@ from traintrain.config import TrainConfig
 from traintrain.files import atomic_write_text, check_writable, inside, output_path, remove_stale_temp_files
 from traintrain.modes.common import OutputDirs, RunContext, TrainResult
 from traintrain.preflight import check_before_model
+from traintrain.modes.states import adopt_state_seed
 
 __all__ = ["OutputDirs", "RunContext", "TrainResult", "advice", "run_training"]
 
@@ -29,6 +30,7 @@ def run_training(ctx: RunContext) -> TrainResult:
         day = ctx.stamp.split("_")[0]
         path = inside(ctx.dirs.jsons, f"{day}/{config.effective_name}-{ctx.stamp}.json")
         atomic_write_text(path, json.dumps(config.to_json_dict(), indent=2))
+    adopt_state_seed(config)
     notes = advice(config)
     for note in notes:
         log.warning(note)

@@ -18,6 +18,7 @@ from traintrain.modes.common import (
     RunContext,
     TrainResult,
     build_network,
+    image_encoder,
     prepared_model,
     seeded_generator,
     train_network,
@@ -56,7 +57,7 @@ class DifferenceObjective:
         c = self.objective.config
         t = ladder_timestep(step, c.train_min_timesteps, c.train_max_timesteps)
         timesteps = torch.full((original.shape[0],), t, device=original.device, dtype=torch.long)
-        noise = torch.randn(original.shape, generator=generator, device=original.device)
+        noise = self.objective.noise(tuple(original.shape), generator)
         mask = mask if c.diff_use_diff_mask else None
         tensors = tensors_without_none(original=original, target=target, noise=noise, timesteps=timesteps, mask=mask)
         return StepInputs({**tensors, **conds[0].tensors("original"), **conds[1].tensors("target")}, variant=step % 2)
@@ -111,7 +112,7 @@ def train_multi_addift(ctx: RunContext) -> TrainResult:
         generator = seeded_generator(config.resolved_seed(), bundle.device)
         sampler = torch.Generator().manual_seed(config.resolved_seed())  # batches are drawn on the CPU
         with torch.no_grad():
-            dataset = PairedLatentDataset.build(pairs, bundle.encode_images)
+            dataset = PairedLatentDataset.build(pairs, image_encoder(ctx, config))
         del pairs
         network = build_network(ctx, config, text_encoder=False)
         prompts = PromptCache(bundle, dataset.prompts, live=False)

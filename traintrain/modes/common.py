@@ -13,7 +13,9 @@ from typing import Callable, Iterator
 import torch
 
 from traintrain.config import TrainConfig
+from traintrain.config_fields import parse_block_weights
 from traintrain.csvlog import CsvLog
+from traintrain.data.latent_cache import CachedEncoder
 from traintrain.diffusion import NoiseSchedule, weighted_loss
 from traintrain.files import free_path, inside, output_path
 from traintrain.loop import LoopResult, LoopSettings, run_loop
@@ -23,10 +25,14 @@ from traintrain.networks.kohya_io import network_from_file, save_network
 from traintrain.networks.kohya_io import training_metadata
 from traintrain.modes.metadata import kohya_settings
 from traintrain.models.targets import TEXT_BLOCK
+from traintrain.modes.states import StateWriter, state_to_resume
 from traintrain.networks.network import Network, NetworkSpec
+from traintrain.noise import NoiseOptions, draw_noise
 from traintrain.precision import autocast_dtype, precision_dtype, weight_dtype
 from traintrain.progress import ProgressCallback, StopFlag
 from traintrain.step import StepInputs, TrainingStep, tensors_without_none
+from traintrain.tensorboard import EventWriter
+from traintrain.timesteps import TimestepSampling, draw_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,7 @@ def network_spec(config: TrainConfig, *, text_encoder: bool) -> NetworkSpec:
         conv_alpha=config.network_conv_alpha,
         element=config.network_element,
         blocks=blocks,
+        tucker=config.network_loha_tucker,
     )
 
 
@@ -127,14 +134,18 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
         autocast_dtype=autocast_dtype(config.train_model_precision, device),
         cuda_graph=config.use_cuda_graph,
         compile=config.use_torch_compile,
+        accumulation=config.train_gradient_accumulation_steps,
+        max_grad_norm=config.train_max_grad_norm,
+        ema_decay=config.train_ema_decay,
+        block_lr_weights=parse_block_weights(config.network_block_lr_weights),
+        seed=config.resolved_seed(),
     )
 
 
 # A batch source for the denoising objective: step index -> (latents, conditioning or, when the text encoder is
-# trained, the captions' token tensors, mask or None, SDXL size ids (B,6) or None).
-BatchDraw = Callable[
-    [int], tuple[torch.Tensor, "Conditioning | dict[str, torch.Tensor]", "torch.Tensor | None", "torch.Tensor | None"]
-]
+# trained, the captions' token tensors, mask or None, SDXL size ids (B,6) or None[, loss weight: a 0-d tensor,
+# e.g. for regularisation batches]).
+BatchDraw = Callable[[int], tuple]
 TOKENS = "tokens_"  # prefix of token tensors among a step's inputs
 
 
@@ -144,33 +155,57 @@ class Objective:
     def __init__(self, bundle: ModelBundle, config: TrainConfig) -> None:
         self.schedule = NoiseSchedule(bundle.alphas_cumprod, bundle.prediction)
         self.config = config
-
-    def timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """Timesteps in [min, max) timesteps, shared by the batch when `train fixed timesteps in batch`."""
-        c = self.config
-        return self.schedule.sample_timesteps(
-            batch, c.train_min_timesteps, c.train_max_timesteps, generator, shared=c.train_fixed_timsteps_in_batch
+        c = config
+        self.noise_options = NoiseOptions(
+            c.train_noise_offset, c.train_multires_noise_iterations, c.train_multires_noise_discount
+        )
+        self.sampling = TimestepSampling(
+            c.train_timestep_sampling, c.train_timestep_logit_mean, c.train_timestep_logit_std, c.train_timestep_shift
         )
 
+    def timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Timesteps in [min, max) timesteps as `train timestep sampling` draws them, shared by the batch when `train
+        fixed timesteps in batch`."""
+        c = self.config
+        return draw_timesteps(
+            self.schedule, batch, c.train_min_timesteps, c.train_max_timesteps, generator, self.sampling,
+            shared=c.train_fixed_timsteps_in_batch,
+        )  # fmt: skip
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Training noise of `shape`, with the configured noise offset and pyramid noise."""
+        return draw_noise(shape, generator, self.noise_options)
+
     def noised(self, latents: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """A denoising step's draws for `latents`: the noise and the timesteps (with the latents themselves)."""
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        return {"latents": latents, "noise": noise, "timesteps": self.timesteps(latents.shape[0], generator)}
+        """A denoising step's draws for `latents`: the noise and the timesteps (with the latents themselves), and with
+        input perturbation the noise the model input gets (the target keeps `noise`)."""
+        noise = self.noise(tuple(latents.shape), generator)
+        draws = {"latents": latents, "noise": noise, "timesteps": self.timesteps(latents.shape[0], generator)}
+        if self.config.train_input_perturbation > 0:
+            extra = torch.randn(latents.shape, generator=generator, device=generator.device)
+            draws["input_noise"] = noise + self.config.train_input_perturbation * extra
+        return draws
 
     def denoising_loss(self, bundle: ModelBundle, inputs: StepInputs, cond: Conditioning) -> torch.Tensor:
         """The standard objective on `noised` inputs: predict the noise (or velocity) of the noised latents."""
         latents, noise, timesteps = inputs["latents"], inputs["noise"], inputs["timesteps"]
-        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        input_noise = noise if inputs.get("input_noise") is None else inputs["input_noise"]
+        noisy = self.schedule.add_noise(latents, input_noise, timesteps)
         prediction = bundle.predict(noisy, timesteps, cond, inputs.get("sizes"))
-        return self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, inputs.get("mask"))
+        loss = self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, inputs.get("mask"))
+        weight = inputs.get("loss_weight")
+        return loss if weight is None else loss * weight
 
     def denoising_step(self, bundle: ModelBundle, draw: BatchDraw, generator: torch.Generator) -> TrainingStep:
         """A step of the standard objective on the batches `draw` gives: (latents, conditioning or, when the text
-        encoder is trained, the captions' token tensors to encode inside the loss, mask or None, sizes or None)."""
+        encoder is trained, the captions' token tensors to encode inside the loss, mask or None, sizes or None, and
+        optionally the batch's loss weight)."""
 
         def inputs(index: int) -> StepInputs:
-            latents, cond, mask, sizes = draw(index)
-            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask, sizes=sizes)
+            latents, cond, mask, sizes, *weight = draw(index)
+            tensors = tensors_without_none(
+                **self.noised(latents, generator), mask=mask, sizes=sizes, loss_weight=next(iter(weight), None)
+            )
             if isinstance(cond, Conditioning):
                 return StepInputs({**tensors, **cond.tensors("cond")})
             return StepInputs({**tensors, **{TOKENS + name: t for name, t in cond.items()}})
@@ -185,11 +220,19 @@ class Objective:
     def loss(
         self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The configured loss function, min-SNR weighted when `train snr gamma` > 0."""
+        """The configured loss function, min-SNR weighted when `train snr gamma` > 0, debiased when asked."""
         c = self.config
         return weighted_loss(
-            self.schedule, prediction, target, timesteps, kind=c.train_loss_function, snr_gamma=c.train_snr_gamma, mask=mask
-        )
+            self.schedule, prediction, target, timesteps, kind=c.train_loss_function, snr_gamma=c.train_snr_gamma,
+            mask=mask, debiased=c.train_debiased_estimation,
+        )  # fmt: skip
+
+
+def image_encoder(ctx: RunContext, config: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The VAE encoder of the run's images: through the disk cache in `logs/latents/` when `cache latents to disk`."""
+    if not config.cache_latents_to_disk:
+        return ctx.bundle.encode_images
+    return CachedEncoder(ctx.bundle.encode_images, ctx.dirs.logs / "latents", ctx.bundle.device)
 
 
 def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -234,6 +277,7 @@ class LoraWriter:
             tag_frequency=self.tags,
             started_at=self.ctx.started_at,
             steps=steps,
+            tucker=spec.tucker,
         )
         save_network(path, self.network, metadata, precision_dtype(c.save_precision), c.network_strength, steps)
         self.saved.append(path)
@@ -274,8 +318,11 @@ def train_network(
     """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too);
     `images` is the number of training images (pairs; 0 for prompts only), for the metadata."""
     writer = LoraWriter(ctx, config, network, stem, tags or {}, images)
-    with network.applied():
-        csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0)))
+    states = StateWriter(ctx.dirs.logs / "states", stem, config.save_overwrite) if config.save_training_state else None
+    tensorboard = EventWriter(ctx.dirs.logs / "tensorboard" / f"{stem}-{ctx.stamp}") if config.logging_tensorboard else None
+    with network.applied(), contextlib.closing(tensorboard) if tensorboard else contextlib.nullcontext():
+        weights = parse_block_weights(config.network_block_lr_weights)
+        csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0, None, weights)))
         result = run_loop(
             loop_settings(config, ctx.bundle.device),
             network,
@@ -285,8 +332,14 @@ def train_network(
             progress=ctx.progress,
             stop=ctx.stop,
             phase=phase,
+            save_state=states,
+            resume=state_to_resume(config),
+            tensorboard=tensorboard,
         )
-    return finish(ctx, writer, result, save_final=save_final)
+    finished = finish(ctx, writer, result, save_final=save_final)
+    if states is not None and states.saved:
+        finished.message += f"\nTraining state: {states.saved[-1]}"
+    return finished
 
 
 @contextlib.contextmanager

@@ -10,23 +10,36 @@ from traintrain.errors import TrainTrainError
 
 LORA_KEYS = ("lora_down.weight", "lora_up.weight")
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+# The other kinds: (the key that tells the kind, its weight keys, the key whose first dimension is the rank).
+OTHER_KINDS = {
+    "lokr": ("lokr_w1", ("lokr_w1", "lokr_w2_a", "lokr_w2_b"), "lokr_w2_b"),
+    "dora": ("dora_scale", (*LORA_KEYS, "dora_scale"), "lora_down.weight"),
+    "loha_tucker": ("hada_t1", (*LOHA_KEYS, "hada_t1", "hada_t2"), "hada_w1_b"),
+}
 
 
 def module_kind_rank_alpha(tensors: dict[str, torch.Tensor], name: str, file_name: str) -> tuple[str, int, float]:
-    """(adapter kind 'lora'|'loha', rank, alpha) of module `name`, after checking each of its tensors; no alpha
-    means alpha = rank. Anything malformed is a TrainTrainError naming the file, the module and what is wrong."""
+    """(adapter kind 'lora'|'loha'|'lokr'|'dora'|'loha_tucker', rank, alpha) of module `name`, after checking each
+    of its tensors; no alpha means alpha = rank. Anything malformed is a TrainTrainError naming the file, the module
+    and what is wrong (the shapes of LoKr / DoRA / Tucker factors are checked against the layer when they load)."""
     own = {key.split(".", 1)[1]: value for key, value in tensors.items() if key.split(".", 1)[0] == name and "." in key}
-    kind = "loha" if "hada_w1_a" in own else "lora"
-    weights = LOHA_KEYS if kind == "loha" else LORA_KEYS
+    other = next((kind for kind, (marker, _, _) in OTHER_KINDS.items() if marker in own), None)
+    kind = other or ("loha" if "hada_w1_a" in own else "lora")
+    weights = OTHER_KINDS[kind][1] if other else LOHA_KEYS if kind == "loha" else LORA_KEYS
     extra = sorted(set(own) - {*weights, "alpha"})
     missing = [key for key in weights if key not in own]
     where = f"{file_name}, module {name}"
     if missing or extra:
         what = f"lacks {', '.join(missing)}" if missing else f"has weights this trainer cannot load ({', '.join(extra)})"
-        raise TrainTrainError(f"{where} {what}: choose a LierLa, C3Lier/LoCon or LoHa file in kohya format.")
+        raise TrainTrainError(
+            f"{where} {what}: choose a LierLa, C3Lier/LoCon, LoHa, LoKr or DoRA file in kohya / LyCORIS format."
+        )
     for key, value in own.items():
         _check_values(value, f"{where}: {key}")
-    rank = _lora_rank(own, where) if kind == "lora" else _loha_rank(own, where)
+    if other:
+        rank = _leading_rank(own, OTHER_KINDS[kind][2], where)
+    else:
+        rank = _lora_rank(own, where) if kind == "lora" else _loha_rank(own, where)
     return kind, rank, _alpha(own.get("alpha"), rank, where)
 
 
@@ -35,6 +48,14 @@ def _check_values(value: torch.Tensor, where: str) -> None:
         raise TrainTrainError(f"{where} holds {value.dtype} values, not floating-point weights: the file is damaged.")
     if not bool(torch.isfinite(value.float()).all()):
         raise TrainTrainError(f"{where} holds NaN or infinite values: the file is damaged, use an earlier save.")
+
+
+def _leading_rank(own: dict[str, torch.Tensor], key: str, where: str) -> int:
+    """The rank of a LoKr / DoRA / Tucker LoHa module: the first dimension of `key`, at least 1."""
+    factor = own[key]
+    if factor.dim() < 2 or factor.shape[0] < 1 or 0 in factor.shape:
+        raise TrainTrainError(f"{where}: {key} {tuple(factor.shape)} has no rank of at least 1: the file is damaged.")
+    return int(factor.shape[0])
 
 
 def _lora_rank(own: dict[str, torch.Tensor], where: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Iterable
@@ -13,10 +14,14 @@ from safetensors import safe_open
 from traintrain.errors import TrainTrainError
 from traintrain.files import is_file, save_safetensors
 from traintrain.models.bundle import LoraTarget
+from traintrain.networks.adapters import ADAPTER_KINDS
+from traintrain.networks.dora import DoRAModule
 from traintrain.networks.hashes import safetensors_hashes
 from traintrain.networks.key_styles import name_resolver
 from traintrain.networks.kohya_check import LOHA_KEYS, module_kind_rank_alpha
-from traintrain.networks.modules import ADAPTERS, AdapterModule, LoHaModule, LoRAModule
+from traintrain.networks.loha_tucker import LoHaTuckerModule
+from traintrain.networks.lokr import LoKrModule
+from traintrain.networks.modules import AdapterModule, LoHaModule, LoRAModule
 from traintrain.networks.network import Network, NetworkSpec
 
 
@@ -28,7 +33,9 @@ def network_tensors(network: Network, dtype: torch.dtype, strength: float = 1.0)
     """
     tensors: dict[str, torch.Tensor] = {}
     for name, adapter in network.adapters.items():
-        if isinstance(adapter, LoRAModule):
+        if isinstance(adapter, (LoKrModule, DoRAModule, LoHaTuckerModule)):
+            tensors.update({f"{name}.{key}": t for key, t in adapter.file_tensors(strength).items()})
+        elif isinstance(adapter, LoRAModule):
             tensors[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach()
             tensors[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach() * strength
         elif isinstance(adapter, LoHaModule):  # LyCORIS' layout: conv `hada_w*_b` flat, (rank, in·k·k)
@@ -85,6 +92,21 @@ def _read_pt(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+def unscaled(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str) -> dict[str, torch.Tensor]:
+    """The trained weights of a file saved with `network strength` s (its `ss_network_strength`): ΔW / s."""
+    text = metadata.get("ss_network_strength", "1")
+    try:
+        strength = float(text)
+    except ValueError:
+        raise TrainTrainError(f"{name} has an unreadable ss_network_strength {text!r}: fix or remove it.") from None
+    if strength == 1.0:
+        return tensors
+    if strength == 0.0 or not math.isfinite(strength):
+        raise TrainTrainError(f"{name} was saved with network strength {strength}: its trained weights are lost.")
+    scaled = (".lora_up.weight", ".hada_w1_a", ".lokr_w1")
+    return {key: t / strength if key.endswith(scaled) else t for key, t in tensors.items()}
+
+
 def module_names(tensors: dict[str, torch.Tensor]) -> set[str]:
     """The kohya module names present in a file's tensors."""
     return {key.split(".", 1)[0] for key in tensors}
@@ -94,6 +116,9 @@ def load_into(network: Network, tensors: dict[str, torch.Tensor]) -> None:
     """Copy a file's weights into matching adapters (the inverse of `network_tensors` at strength 1); every tensor
     must have exactly its parameter's size (a LoHa convolution factor may be stored 4-D)."""
     for name, adapter in network.adapters.items():
+        if isinstance(adapter, (LoKrModule, DoRAModule, LoHaTuckerModule)):
+            _load_own_tensors(adapter, name, tensors)
+            continue
         for key, param in _parameters_by_key(adapter):
             stored = tensors.get(f"{name}.{key}")
             if stored is None:
@@ -125,10 +150,20 @@ def _parameters_by_key(adapter: AdapterModule) -> list[tuple[str, torch.Tensor]]
     return [(key, getattr(adapter, key)) for key in LOHA_KEYS]
 
 
+def _load_own_tensors(adapter: AdapterModule, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """LoKr / DoRA / Tucker LoHa: the module reads its own keys; a missing or misfit one is a message."""
+    prefix = name + "."
+    try:
+        adapter.load_file_tensors({k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)})
+    except (KeyError, RuntimeError) as error:
+        raise TrainTrainError(f"The LoRA file does not fit this model at {name}: {error}.") from error
+
+
 def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bool = True) -> Network:
     """A network with exactly the modules, ranks, alphas and weights of a saved file (resume, copy machine);
     without `text_encoder`, the file's text-encoder modules are left out (modes that encode prompts once)."""
-    tensors, _ = read_network_file(path)
+    tensors, metadata = read_network_file(path)
+    tensors = unscaled(tensors, metadata, Path(path).name)
     layers = {t.name: t.module for t in targets}
     tensors = in_target_style(tensors, layers)
     names = sorted(n for n in module_names(tensors) if text_encoder or not n.startswith("lora_te"))
@@ -143,8 +178,9 @@ def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bo
     adapters: dict[str, AdapterModule] = {}
     for name in names:
         kind, rank, alpha = module_kind_rank_alpha(tensors, name, Path(path).name)
-        adapters[name] = ADAPTERS[kind](layers[name], rank, alpha)
-    network = Network(_spec_of(adapters), adapters, {n: layers[n] for n in names})
+        adapters[name] = ADAPTER_KINDS[kind](layers[name], rank, alpha)
+    blocks = {t.name: t.block for t in targets if t.name in adapters}
+    network = Network(_spec_of(adapters), adapters, {n: layers[n] for n in names}, blocks)
     load_into(network, tensors)
     return network
 
@@ -153,9 +189,11 @@ def _spec_of(adapters: dict[str, AdapterModule]) -> NetworkSpec:
     """The network type, ranks and alphas a loaded file actually has (for its metadata when saved again)."""
     first = next(iter(adapters.values()))
     spatial = [a for a in adapters.values() if a.is_conv and a.kernel != (1, 1)]
-    network_type = "loha" if first.kind == "loha" else ("c3lier" if spatial else "lierla")
+    kinds = {a.kind for a in adapters.values()}
+    network_type = first.kind if first.kind in ("loha", "lokr", "dora") else ("c3lier" if spatial else "lierla")
+    network_type = "loha" if "loha_tucker" in kinds else network_type
     conv_rank, conv_alpha = (spatial[0].rank, float(spatial[0].alpha)) if spatial else (0, 0.0)
-    return NetworkSpec(network_type, first.rank, float(first.alpha), conv_rank, conv_alpha)
+    return NetworkSpec(network_type, first.rank, float(first.alpha), conv_rank, conv_alpha, tucker="loha_tucker" in kinds)
 
 
 def training_metadata(
@@ -172,15 +210,21 @@ def training_metadata(
     tag_frequency: dict[str, int],
     started_at: float,
     steps: int,
+    tucker: bool = False,
 ) -> dict[str, str]:
     """kohya `ss_*` keys (and a few `modelspec.*`) as strings; the WebUI's Lora card shows them."""
     args: dict[str, str] = {}
     module = "networks.lora"
     if network_type == "c3lier":
         args = {"conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha), "algo": "locon"}
-    elif network_type == "loha":
+    elif network_type in ("loha", "lokr", "dora"):
         module = "lycoris.kohya"
-        args = {"algo": "loha", "conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha)}
+        algo = {"loha": "loha", "lokr": "lokr", "dora": "locon"}[network_type]
+        args = {"algo": algo, "conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or alpha)}
+        if network_type == "dora":
+            args["dora_wd"] = "True"
+        if tucker and network_type == "loha":
+            args["use_tucker"] = "True"
     meta = {
         "ss_session_id": str(int(started_at * 1000) % 2**31),
         "ss_training_started_at": str(started_at),
@@ -209,5 +253,5 @@ def _architecture(base_model_version: str, network_type: str, v_prediction: bool
         "sd_v2": "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512",
         "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
     }
-    suffix = "lora" if network_type != "loha" else "lycoris-loha"
+    suffix = {"loha": "lycoris-loha", "lokr": "lycoris-lokr"}.get(network_type, "lora")
     return f"{family.get(base_model_version, base_model_version)}/{suffix}"

@@ -1,4 +1,5 @@
-"""Adapter modules that add a trained low-rank delta to one Linear / Conv2d: LoRA (LierLa, C3Lier) and LoHa."""
+"""Adapter modules that add a trained low-rank delta to one Linear / Conv2d: LoRA (LierLa, C3Lier) and LoHa (LoKr and
+DoRA live in their own modules; `adapters.py` lists them all)."""
 
 from __future__ import annotations
 
@@ -115,5 +116,3 @@ class LoHaModule(AdapterModule):
             return F.conv2d(x, weight, **self.conv_args)
         return F.linear(x, weight)
 
-
-ADAPTERS: dict[str, type[AdapterModule]] = {"lora": LoRAModule, "loha": LoHaModule}

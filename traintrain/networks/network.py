@@ -19,7 +19,10 @@ from traintrain.models.bundle import (
     ROLE_TRANSFORMER,
     LoraTarget,
 )
-from traintrain.networks.modules import ADAPTERS, AdapterModule
+from traintrain.models.targets import TEXT_BLOCK
+from traintrain.networks.adapters import ADAPTER_KINDS, KIND_OF_NETWORK_TYPE
+from traintrain.networks.loha_tucker import LoHaTuckerModule
+from traintrain.networks.modules import AdapterModule, LoHaModule
 
 
 
@@ -34,6 +37,7 @@ class NetworkSpec:
     conv_alpha: float = 0.0  # 0 = alpha
     element: str = "Full"
     blocks: list[str] | None = None  # None = every block; [] = none (only BASE ticked in a UNet-only mode)
+    tucker: bool = False  # loha: k×k convs get Tucker factors
 
     def check(self) -> None:
         """Refuse combinations that cannot be built, with a message saying what to change."""
@@ -57,7 +61,7 @@ class NetworkSpec:
         if self.element == "SelfAttention":
             return target.role == ROLE_SELF_ATTN
         if target.role == ROLE_RESNET:
-            return self.network_type in ("c3lier", "loha")
+            return self.network_type in ("c3lier", "loha", "lokr", "dora")
         if target.role in (ROLE_SELF_ATTN, ROLE_CROSS_ATTN, ROLE_TRANSFORMER, ROLE_TEXT):
             return self.network_type != "lierla" or _is_pointwise(target.module)
         return False
@@ -76,32 +80,41 @@ def _is_pointwise(module: nn.Module) -> bool:
 class Network(nn.Module):
     """Adapter modules by kohya name, installed on their layers with forward hooks (removable, weights untouched)."""
 
-    def __init__(self, spec: NetworkSpec, adapters: dict[str, AdapterModule], layers: dict[str, nn.Module]) -> None:
+    def __init__(
+        self,
+        spec: NetworkSpec,
+        adapters: dict[str, AdapterModule],
+        layers: dict[str, nn.Module],
+        blocks: dict[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.adapters = nn.ModuleDict(adapters)
         self._layers = layers
+        self.blocks = blocks or {}  # adapter name -> block (BASE, IN00 …), for per-block learning rates
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @classmethod
     def build(cls, spec: NetworkSpec, targets: list[LoraTarget], only: set[str] | None = None) -> "Network":
         """Create an adapter for every accepted target (or, with `only`, for exactly those names)."""
         spec.check()
-        adapter_cls = ADAPTERS["loha" if spec.network_type == "loha" else "lora"]
+        adapter_cls = ADAPTER_KINDS[KIND_OF_NETWORK_TYPE[spec.network_type]]
         adapters: dict[str, AdapterModule] = {}
         layers: dict[str, nn.Module] = {}
+        blocks = {target.name: target.block for target in targets}
         for target in targets:
             if (only is not None and target.name not in only) or (only is None and not spec.accepts(target)):
                 continue
             rank, alpha = spec.rank_alpha_for(target.module)
-            adapters[target.name] = adapter_cls(target.module, rank, alpha)
+            tucker = spec.tucker and adapter_cls is LoHaModule and not _is_pointwise(target.module)
+            adapters[target.name] = (LoHaTuckerModule if tucker else adapter_cls)(target.module, rank, alpha)
             layers[target.name] = target.module
         if not adapters:
             raise TrainTrainError(
                 "No layer matches the chosen network blocks / element: tick more blocks (BASE, the text encoder, is "
                 "trained in LoRA mode only) or use network element Full."
             )
-        return cls(spec, adapters, layers)
+        return cls(spec, adapters, layers, {name: blocks[name] for name in adapters})
 
     @property
     def text_encoder_names(self) -> list[str]:
@@ -149,8 +162,13 @@ class Network(nn.Module):
             handle.remove()
         self._handles.clear()
 
-    def param_groups(self, lr: float, text_encoder_lr: float | None = None) -> list[dict]:
-        """Optimizer groups: text-encoder adapters (own lr when given), then UNet adapters."""
+    def param_groups(
+        self, lr: float, text_encoder_lr: float | None = None, block_weights: dict[str, float] | None = None
+    ) -> list[dict]:
+        """Optimizer groups: text-encoder adapters (own lr when given), then UNet adapters; with `block_weights`, one
+        group per block instead, its lr multiplied by the block's weight (1 when not named)."""
+        if block_weights:
+            return self._block_groups(lr, text_encoder_lr or lr, block_weights)
         te = [p for n, a in self.adapters.items() if n.startswith("lora_te") for p in a.parameters()]
         unet = [p for n, a in self.adapters.items() if not n.startswith("lora_te") for p in a.parameters()]
         groups = []
@@ -159,6 +177,18 @@ class Network(nn.Module):
         if unet:
             groups.append({"params": unet, "lr": lr, "name": "unet"})
         return groups
+
+    def _block_groups(self, lr: float, text_encoder_lr: float, weights: dict[str, float]) -> list[dict]:
+        """One optimizer group per block, in the order blocks first appear."""
+        by_block: dict[str, list[nn.Parameter]] = {}
+        for name, adapter in self.adapters.items():
+            block = self.blocks.get(name, TEXT_BLOCK if name.startswith("lora_te") else "")
+            by_block.setdefault(block, []).extend(adapter.parameters())
+        return [
+            {"params": params, "lr": (text_encoder_lr if block == TEXT_BLOCK else lr) * weights.get(block, 1.0),
+             "name": block or "unet"}
+            for block, params in by_block.items()
+        ]  # fmt: skip
 
 
 def _make_hook(adapter: AdapterModule):

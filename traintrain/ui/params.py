@@ -94,16 +94,21 @@ class ParamsPanel:
                 refresh.click(self._refresh(name), outputs=[self.first[name]])
 
     def _pass_layout(self, widgets: dict[str, Any], specs: list[FieldSpec], prefix: str = FIRST_ID) -> None:
-        """The Required columns, the block row and the Option columns of one pass."""
+        """The Required columns, the block row, the Option columns and the (folded) Advanced columns of one pass."""
         required = "Required Parameters" + ("(+prompt in iLECO, +images in Difference)" if prefix == FIRST_ID else "")
         for section, title in (("required", required), ("blocks", ""), ("options", "Option Parameters")):
-            chosen = [s for s in specs if s.section == section]
             if title:
                 gr.HTML(f'<p class="tt-section-title">{title}</p>')
-            with gr.Row(elem_classes=["tt-params"]):
-                for column in sorted({s.column for s in chosen}):
-                    with gr.Column(min_width=200):
-                        self._add(widgets, [s.name for s in chosen if s.column == column], prefix)
+            self._columns(widgets, [s for s in specs if s.section == section], prefix)
+        with gr.Accordion("Advanced Parameters (noise, timesteps, captions, optimisation)", open=False):
+            self._columns(widgets, [s for s in specs if s.section == "advanced"], prefix)
+
+    def _columns(self, widgets: dict[str, Any], chosen: list[FieldSpec], prefix: str) -> None:
+        """One row of columns holding the widgets of `chosen` by their column number."""
+        with gr.Row(elem_classes=["tt-params"]):
+            for column in sorted({s.column for s in chosen}):
+                with gr.Column(min_width=200):
+                    self._add(widgets, [s.name for s in chosen if s.column == column], prefix)
 
     def _add(self, widgets: dict[str, Any], names: list[str], prefix: str = FIRST_ID) -> None:
         """Widgets for `names`; pass-1 ones start as LoRA mode shows them, pass-2 ones live in their accordion."""
