@@ -38,9 +38,9 @@ def _tqdm_progress():
     return update
 
 
-def _stop_on_ctrl_c(save: bool):
+def _stop_on_ctrl_c(save: bool, *, on_sigterm: bool = False):
     """A stop flag the first Ctrl-C sets (the run stops after its step, saving what it has when `save`); a second one
-    aborts."""
+    aborts. With `on_sigterm`, SIGTERM sets it too (torchrun passes Ctrl-C on to its workers as SIGTERM)."""
     from traintrain.progress import StopFlag
 
     stop = StopFlag()
@@ -52,10 +52,13 @@ def _stop_on_ctrl_c(save: bool):
         stop.request(save=save)
 
     signal.signal(signal.SIGINT, handler)
+    if on_sigterm:
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.request(save=save))
     return stop
 
 
 def _train(config_path: str, model: str | None, out: str | None) -> int:
+    from traintrain import distributed
     from traintrain.config import TrainConfig
     from traintrain.models.open import open_model
     from traintrain.modes import RunContext, run_training
@@ -64,11 +67,15 @@ def _train(config_path: str, model: str | None, out: str | None) -> int:
     if model:
         config.model = model
     config.validate()
-    bundle = open_model(
-        config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
-    )
-    stop = _stop_on_ctrl_c(config.save_on_stop)
-    result = run_training(RunContext(config, bundle, _dirs(out), progress=_tqdm_progress(), stop=stop))
+    with distributed.process_group() as launch:  # data-parallel when started by torchrun / accelerate launch
+        bundle = open_model(
+            config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
+        )
+        stop = _stop_on_ctrl_c(config.save_on_stop, on_sigterm=launch is not None)
+        progress = _tqdm_progress() if distributed.is_main() else None
+        result = run_training(RunContext(config, bundle, _dirs(out), progress=progress, stop=stop))
+        if not distributed.is_main():
+            return 0
     print(result.message)
     print(f"first loss {result.first_loss:.5f}, last loss {result.last_loss:.5f}, steps {result.steps}")
     return 0

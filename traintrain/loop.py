@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from traintrain import distributed
 from traintrain.csvlog import CsvLog
 from traintrain.cuda_graphs import CapturedSteps, CudaGraphBackend
 from traintrain.errors import TrainTrainError
@@ -81,7 +82,7 @@ def run_loop(
 ) -> LoopResult:
     """Train `network` for `settings.iterations` steps of `step`; periodic saves go through `save`."""
     device = next(network.parameters()).device
-    graphs = settings.cuda_graph and device.type == "cuda"
+    graphs = settings.cuda_graph and device.type == "cuda" and not distributed.active()  # data-parallel: eager
     params = network.param_groups(settings.learning_rate, settings.text_encoder_lr or None)
     optimizer = build_optimizer(
         settings.optimizer, params, settings.learning_rate, settings.optimizer_settings, capturable=graphs
@@ -110,7 +111,8 @@ def run_loop(
     def flush() -> None:
         if not pending:
             return
-        values = torch.stack([loss for _, loss, _ in pending]).float().cpu().tolist()
+        losses = distributed.mean_across_ranks(torch.stack([loss for _, loss, _ in pending]))
+        values = losses.float().cpu().tolist()
         for (number, _, read_lrs), value in zip(pending, values):
             lrs = [float(lr) for lr in read_lrs]  # device tensors under CUDA graphs: read now, after the sync above
             if not math.isfinite(value):
@@ -173,7 +175,14 @@ def _step_runner(
 ) -> StepRunner:
     """How each step runs: replayed CUDA graphs where the setting and the device allow (the optimizer step inside
     them when it can be captured), else eagerly; the loss computation compiled when asked."""
-    optimizer_step = OptimizerStep(step.loss, optimizer, settings.autocast_dtype, device, compile=settings.compile)
+    optimizer_step = OptimizerStep(
+        step.loss,
+        optimizer,
+        settings.autocast_dtype,
+        device,
+        compile=settings.compile,
+        gradient_sync=distributed.gradient_sync(),
+    )
     if not graphs:
         return EagerSteps(optimizer_step)
     refusal = graph_refusal(optimizer, scheduler)

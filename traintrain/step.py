@@ -58,8 +58,10 @@ class OptimizerStep:
         device: torch.device,
         *,
         compile: bool = False,
+        gradient_sync: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> None:
         self.loss, self.optimizer, self.autocast_dtype, self.device = loss, optimizer, autocast_dtype, device
+        self.gradient_sync = gradient_sync  # e.g. the average over data-parallel ranks, run before each step
         self.compiled = torch.compile(loss, dynamic=False) if compile else None
         fp16_on_cuda = autocast_dtype is torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
@@ -85,7 +87,10 @@ class OptimizerStep:
         return loss.detach()
 
     def apply(self) -> None:
-        """The optimizer step on the gradients there are (through the gradient scaler for fp16)."""
+        """The optimizer step on the gradients there are (synced first when data-parallel; through the gradient
+        scaler for fp16)."""
+        if self.gradient_sync is not None:
+            self.gradient_sync(self.parameters())
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

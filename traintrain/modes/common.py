@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from traintrain import distributed
 from traintrain.config import TrainConfig
 from traintrain.csvlog import CsvLog
 from traintrain.diffusion import NoiseSchedule, weighted_loss
@@ -203,7 +204,13 @@ class LoraWriter:
         self.saved: list[Path] = []
 
     def save(self, suffix: str, steps: int) -> Path:
-        """Save as `<stem><suffix>.safetensors` (atomic); weights that became NaN / inf are refused, never written.
+        """Save as `<stem><suffix>.safetensors` (atomic; data-parallel: rank 0 writes, the others wait)."""
+        path = distributed.written_by_main(lambda: self._write(suffix, steps))
+        self.saved.append(path)
+        return path
+
+    def _write(self, suffix: str, steps: int) -> Path:
+        """Write the file; weights that became NaN / inf are refused, never written.
 
         With overwrite off an existing file is never replaced: the save takes the next free numbered name instead
         (the final name was already refused up front; a file that appeared since must not cost the training)."""
@@ -246,14 +253,13 @@ class LoraWriter:
             steps=steps,
         )
         save_network(path, self.network, metadata, precision_dtype(c.save_precision), c.network_strength, steps)
-        self.saved.append(path)
         log.info("Saved %s", path)
         return path
 
 
 def open_csv_log(ctx: RunContext, config: TrainConfig, stem: str, lr_columns: int) -> CsvLog | None:
-    """The pass's CSV log `logs/<stem>-<date_time>.csv`, when `logging_save_csv` is on."""
-    if not config.logging_save_csv:
+    """The pass's CSV log `logs/<stem>-<date_time>.csv`, when `logging_save_csv` is on (rank 0 only)."""
+    if not config.logging_save_csv or not distributed.is_main():
         return None
     header = {
         "network_rank": config.network_rank,
@@ -281,16 +287,17 @@ def train_network(
 ) -> TrainResult:
     """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too)."""
     writer = LoraWriter(ctx, config, network, stem, tags or {})
+    distributed.broadcast_parameters(network.parameters())
     with network.applied():
         csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0)))
         result = run_loop(
             loop_settings(config, ctx.bundle.device),
             network,
-            step,
+            distributed.sharded(step, config.train_batch_size),
             save=writer.save,
             csv_log=csv_log,
             progress=ctx.progress,
-            stop=ctx.stop,
+            stop=distributed.shared_stop(ctx.stop),
             phase=phase,
         )
     return finish(ctx, writer, result, save_final=save_final)

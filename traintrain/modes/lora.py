@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from traintrain import distributed
 from traintrain.config import TrainConfig
 from traintrain.data import DataOptions, LatentDataset, load_image_dataset, tag_frequency
 from traintrain.models.bundle import Conditioning, ModelBundle
@@ -71,7 +72,7 @@ def train_lora(ctx: RunContext) -> TrainResult:
         generator = seeded_generator(config.resolved_seed(), bundle.device)
         sampler = torch.Generator().manual_seed(config.resolved_seed())  # batches are drawn on the CPU
         with torch.no_grad():
-            dataset = LatentDataset.build(images, bundle.encode_images)
+            dataset = LatentDataset.build(images, distributed.encoded_by_main(bundle.encode_images))
         del images
         if config.logging_verbose:
             log.info("Dataset: %s", dataset.summary())
