@@ -138,8 +138,9 @@ def test_ileco_two_ranks_batch_one_equal_one_process_batch_two(images, tmp_path)
     assert int(saved["train_batch_size"]) == 1, "the settings JSON records the per-rank batch"
 
 
-def test_lora_mode_through_torchrun_writes_one_lora(images, tmp_path) -> None:
+def test_lora_mode_through_torchrun_equals_one_process_batch_two(images, tmp_path) -> None:
     config = lora_config(images, train_batch_size=1, logging_save_csv=False, save_as_json=False)
+    reference = single_process(config, tmp_path / "one")
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config.to_json_dict()))
     command = [
@@ -152,7 +153,7 @@ def test_lora_mode_through_torchrun_writes_one_lora(images, tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Successfully created") == 1, done.stdout  # rank 0 alone reports
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["demo.safetensors"]
-    assert "steps 4" in done.stdout
+    assert_same_lora(tmp_path / "two" / "demo.safetensors", reference.path)  # text encoder LoRA included
 
 
 def test_stop_on_rank_one_stops_both_with_one_save(images, tmp_path) -> None:

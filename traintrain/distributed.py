@@ -258,7 +258,7 @@ def encoded_by_main(encode: Encoder) -> Encoder:
         return encode
 
     def shared(pixels: torch.Tensor) -> torch.Tensor:
-        latents = encode(pixels) if is_main() else None
+        latents = encode(pixels).contiguous() if is_main() else None  # sent in memory order: the receivers' order
         header = torch.zeros(8, dtype=torch.int64)  # shape (up to 6 dims), dtype index, number of dims
         if latents is not None:
             header[: latents.dim()] = torch.tensor(latents.shape)
