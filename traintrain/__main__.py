@@ -45,6 +45,7 @@ def _stop_on_signals(save: bool) -> Iterator[StopFlag]:
 
 
 def _train(config_path: str, model: str | None, out: str | None) -> int:
+    from traintrain import distributed
     from traintrain.config import TrainConfig
     from traintrain.config_compat import normalised
     from traintrain.models.open import open_model
@@ -57,14 +58,17 @@ def _train(config_path: str, model: str | None, out: str | None) -> int:
     if model:
         config.model = model
     check_before_model(config, model_files=True)
-    with _stop_on_signals(config.save_on_stop) as stop:
+    with distributed.process_group(), _stop_on_signals(config.save_on_stop) as stop:  # data-parallel under torchrun
         bundle = open_model(
             config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
         )
         if stop.requested:
             print("Stopped while loading the model: nothing was trained.", file=sys.stderr)
             return 130
-        result = run_training(RunContext(config, bundle, _dirs(out), progress=console_progress(), stop=stop))
+        progress = console_progress() if distributed.is_main() else None
+        result = run_training(RunContext(config, bundle, _dirs(out), progress=progress, stop=stop))
+        if not distributed.is_main():
+            return 0
     print(result.message)
     print(f"first loss {result.first_loss:.5f}, last loss {result.last_loss:.5f}, steps {result.steps}")
     return 0

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from traintrain import distributed
 from traintrain.csvlog import CsvLog
 from traintrain.cuda_graphs import CapturedSteps, CudaGraphBackend
 from traintrain.ema import WeightAverage
@@ -95,7 +96,7 @@ def run_loop(
     training state (periodic, on stop, at the end) through `save_state` when given. With `resume` the run goes on
     from the state's step: weights, optimizer, scheduler and EMA restored, the seeded draws replayed up to there."""
     device = next(network.parameters()).device
-    graphs = settings.cuda_graph and device.type == "cuda"
+    graphs = settings.cuda_graph and device.type == "cuda" and not distributed.active()  # data-parallel: eager
     params = network.param_groups(settings.learning_rate, settings.text_encoder_lr or None, settings.block_lr_weights)
     optimizer = build_optimizer(
         settings.optimizer, params, settings.learning_rate, settings.optimizer_settings, capturable=graphs
@@ -137,7 +138,8 @@ def run_loop(
     def flush() -> None:
         if not pending:
             return
-        values = torch.stack([loss for _, loss, _ in pending]).float().cpu().tolist()
+        losses = distributed.mean_across_ranks(torch.stack([loss for _, loss, _ in pending]))
+        values = losses.float().cpu().tolist()
         for (number, _, read_lrs), value in zip(pending, values):
             lrs = [float(lr) for lr in read_lrs]  # device tensors under CUDA graphs: read now, after the sync above
             if not math.isfinite(value):
@@ -225,7 +227,13 @@ def _step_runner(
     count = settings.accumulation
     loss = step.loss if count == 1 else lambda inputs: step.loss(inputs) / count
     optimizer_step = OptimizerStep(
-        loss, optimizer, settings.autocast_dtype, device, compile=settings.compile, max_grad_norm=settings.max_grad_norm
+        loss,
+        optimizer,
+        settings.autocast_dtype,
+        device,
+        compile=settings.compile,
+        max_grad_norm=settings.max_grad_norm,
+        gradient_sync=distributed.gradient_sync(),
     )
     if count > 1:
         if graphs:

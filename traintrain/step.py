@@ -59,9 +59,11 @@ class OptimizerStep:
         *,
         compile: bool = False,
         max_grad_norm: float = 0.0,
+        gradient_sync: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> None:
         self.loss, self.optimizer, self.autocast_dtype, self.device = loss, optimizer, autocast_dtype, device
         self.max_grad_norm = max_grad_norm  # 0: no clipping
+        self.gradient_sync = gradient_sync  # e.g. the average over data-parallel ranks, run before each step
         self.compiled = torch.compile(loss, dynamic=False) if compile else None
         fp16_on_cuda = autocast_dtype is torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
@@ -87,8 +89,10 @@ class OptimizerStep:
         return loss.detach()
 
     def apply(self) -> None:
-        """The optimizer step on the gradients there are (through the gradient scaler for fp16), their norm clipped
-        to `max_grad_norm` first when set."""
+        """The optimizer step on the gradients there are (synced first when data-parallel; through the gradient
+        scaler for fp16), their norm clipped to `max_grad_norm` first when set."""
+        if self.gradient_sync is not None:
+            self.gradient_sync(self.parameters())
         if self.max_grad_norm > 0:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)

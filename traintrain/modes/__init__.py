@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from typing import Callable
 
+from traintrain import distributed
 from traintrain.config import TrainConfig
 from traintrain.files import atomic_write_text, check_writable, inside, output_path, remove_stale_temp_files
 from traintrain.modes.common import OutputDirs, RunContext, TrainResult
@@ -26,7 +28,7 @@ def run_training(ctx: RunContext) -> TrainResult:
     remove_stale_temp_files(ctx.dirs.lora)
     check_writable(ctx.dirs.lora)  # a read-only Lora folder is refused before training, not after
     output_path(ctx.dirs.lora, final_stem, ".safetensors", config.save_overwrite)
-    if config.save_as_json:
+    if config.save_as_json and distributed.is_main():
         day = ctx.stamp.split("_")[0]
         path = inside(ctx.dirs.jsons, f"{day}/{config.effective_name}-{ctx.stamp}.json")
         atomic_write_text(path, json.dumps(config.to_json_dict(), indent=2))
@@ -34,7 +36,7 @@ def run_training(ctx: RunContext) -> TrainResult:
     notes = advice(config)
     for note in notes:
         log.warning(note)
-    result = _mode_runner(config.mode)(ctx)
+    result = _mode_runner(config.mode)(replace(ctx, config=distributed.with_global_batch(config)))
     result.message = "\n".join([*notes, result.message])
     return result
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from traintrain import distributed
 from traintrain.data import PairedLatentDataset, load_pair_dataset
 from traintrain.models.bundle import Conditioning, ModelBundle
 from traintrain.modes.common import (
@@ -112,7 +113,7 @@ def train_multi_addift(ctx: RunContext) -> TrainResult:
         generator = seeded_generator(config.resolved_seed(), bundle.device)
         sampler = torch.Generator().manual_seed(config.resolved_seed())  # batches are drawn on the CPU
         with torch.no_grad():
-            dataset = PairedLatentDataset.build(pairs, image_encoder(ctx, config))
+            dataset = PairedLatentDataset.build(pairs, distributed.encoded_by_main(image_encoder(ctx, config)))
         del pairs
         network = build_network(ctx, config, text_encoder=False)
         prompts = PromptCache(bundle, dataset.prompts, live=False)

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from traintrain import distributed
 from traintrain.config import TrainConfig
 from traintrain.config_fields import parse_block_weights
 from traintrain.csvlog import CsvLog
@@ -254,7 +255,13 @@ class LoraWriter:
         self.saved: list[Path] = []
 
     def save(self, suffix: str, steps: int) -> Path:
-        """Save as `<stem><suffix>.safetensors` (atomic); weights that became NaN / inf are refused, never written.
+        """Save as `<stem><suffix>.safetensors` (atomic; data-parallel: rank 0 writes, the others wait)."""
+        path = distributed.written_by_main(lambda: self._write(suffix, steps))
+        self.saved.append(path)
+        return path
+
+    def _write(self, suffix: str, steps: int) -> Path:
+        """Write the file; weights that became NaN / inf are refused, never written.
 
         With overwrite off an existing file is never replaced: the save takes the next free numbered name instead
         (the final name was already refused up front; a file that appeared since must not cost the training)."""
@@ -280,14 +287,14 @@ class LoraWriter:
             tucker=spec.tucker,
         )
         save_network(path, self.network, metadata, precision_dtype(c.save_precision), c.network_strength, steps)
-        self.saved.append(path)
         log.info("Saved %s", path)
         return path
 
 
 def open_csv_log(ctx: RunContext, config: TrainConfig, stem: str, lr_columns: int) -> CsvLog | None:
-    """The pass's CSV log `logs/<date>/<stem>-<date_time>.csv` (the original's place), when `logging_save_csv` is on."""
-    if not config.logging_save_csv:
+    """The pass's CSV log `logs/<date>/<stem>-<date_time>.csv` (the original's place), when `logging_save_csv` is on
+    (rank 0 only when data-parallel)."""
+    if not config.logging_save_csv or not distributed.is_main():
         return None
     header = {
         "network_rank": config.network_rank,
@@ -316,21 +323,28 @@ def train_network(
     save_final: bool = True,
 ) -> TrainResult:
     """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too);
-    `images` is the number of training images (pairs; 0 for prompts only), for the metadata."""
+    `images` is the number of training images (pairs; 0 for prompts only), for the metadata. Data-parallel, rank 0
+    alone writes files and every rank starts from its weights."""
     writer = LoraWriter(ctx, config, network, stem, tags or {}, images)
-    states = StateWriter(ctx.dirs.logs / "states", stem, config.save_overwrite) if config.save_training_state else None
-    tensorboard = EventWriter(ctx.dirs.logs / "tensorboard" / f"{stem}-{ctx.stamp}") if config.logging_tensorboard else None
+    main = distributed.is_main()
+    states = None
+    if config.save_training_state and main:
+        states = StateWriter(ctx.dirs.logs / "states", stem, config.save_overwrite)
+    tensorboard = None
+    if config.logging_tensorboard and main:
+        tensorboard = EventWriter(ctx.dirs.logs / "tensorboard" / f"{stem}-{ctx.stamp}")
+    distributed.broadcast_parameters(network.parameters())
     with network.applied(), contextlib.closing(tensorboard) if tensorboard else contextlib.nullcontext():
         weights = parse_block_weights(config.network_block_lr_weights)
         csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0, None, weights)))
         result = run_loop(
             loop_settings(config, ctx.bundle.device),
             network,
-            step,
+            distributed.sharded(step, config.train_batch_size),
             save=writer.save,
             csv_log=csv_log,
             progress=ctx.progress,
-            stop=ctx.stop,
+            stop=distributed.shared_stop(ctx.stop),
             phase=phase,
             save_state=states,
             resume=state_to_resume(config),

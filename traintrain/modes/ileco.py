@@ -31,8 +31,7 @@ def train_ileco(ctx: RunContext) -> TrainResult:
         shape = (config.train_batch_size, 4, height // 8, width // 8)
         with torch.no_grad():
             conds = bundle.encode_text([config.original_prompt, config.target_prompt]).detach()
-        original = conds.select(slice(0, 1)).repeat(shape[0])
-        target = conds.select(slice(1, 2)).repeat(shape[0])
+        original, target = conds.select(slice(0, 1)), conds.select(slice(1, 2))  # repeated to the step's batch
         network = build_network(ctx, config, text_encoder=False)
         objective = Objective(bundle, config)
 
@@ -56,7 +55,8 @@ def ileco_loss(
 ) -> torch.Tensor:
     """The LoRA's prediction for the Original prompt against the frozen model's prediction for the Target prompt."""
     latents, timesteps = inputs["latents"], inputs["timesteps"]
+    batch = latents.shape[0]  # a data-parallel rank's share of the drawn batch
     with torch.no_grad(), network.multiplier(0.0):
-        reference = bundle.predict(latents, timesteps, target)
-    prediction = bundle.predict(latents, timesteps, original)
+        reference = bundle.predict(latents, timesteps, target.repeat(batch))
+    prediction = bundle.predict(latents, timesteps, original.repeat(batch))
     return objective.loss(prediction, reference, timesteps)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from traintrain import distributed
 from traintrain.config import TrainConfig
 from traintrain.devices import host_tensor_on
 from traintrain.data import DataOptions, ImageDataset, LatentDataset, load_image_dataset, tag_frequency
@@ -102,8 +103,9 @@ def train_lora(ctx: RunContext) -> TrainResult:
         sampler = torch.Generator().manual_seed(config.resolved_seed())  # batches are drawn on the CPU
         encode = image_encoder(ctx, config)
         with torch.no_grad():
-            dataset = LatentDataset.build(images, encode)
-            regularisation = None if reg_images is None else LatentDataset.build(reg_images, encode)
+            shared = distributed.encoded_by_main(encode)  # data-parallel: rank 0 encodes, the others receive
+            dataset = LatentDataset.build(images, shared)
+            regularisation = None if reg_images is None else LatentDataset.build(reg_images, shared)
         del images, reg_images
         if isinstance(encode, CachedEncoder):
             log.info("Latents: %s", encode.summary())
