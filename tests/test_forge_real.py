@@ -108,6 +108,7 @@ def forge(tmp_path_factory) -> HostServer:
     subprocess.run(["git", "clone", "--quiet", url, str(data / "extensions" / "traintrain")], check=True)
     port, log = free_port(), data / "forge.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env["COLUMNS"] = "1000"  # Neo logs through rich, which wraps each message at the terminal width (80 in a pipe)
     env.pop("PYTHONPATH", None)
     with log.open("wb") as out:
         process = subprocess.Popen(
