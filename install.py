@@ -1,15 +1,20 @@
 """Install TrainTrain's dependencies.
 
-Inside the WebUI (run by it at start, `launch` importable): only what the WebUI lacks, in versions that fit its pins;
-never torch, gradio or transformers. By hand (`python install.py [--tests]`): torch 2.13.0 first, then the pinned stack.
+Inside a WebUI host (run by it at start, `launch` importable): only what the host lacks, through its own pip runner,
+in the versions pinned here. AUTOMATIC1111 as always (its old huggingface_hub may be raised for diffusers; never
+torch, gradio or transformers). reForge, Forge main and Forge Neo: their installed core packages are held as pip
+constraints so nothing replaces them; Forge main / Neo already ship diffusers and newer stacks, so there nothing is
+pinned and torch, gradio, transformers, diffusers and pydantic are never installed or replaced. By hand (`python install.py [--tests]`): torch 2.13.0 first, then the pinned stack.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -31,6 +36,10 @@ WEBUI_PACKAGES = {
 }
 
 
+# Never replaced inside reForge / Forge: held at the installed versions while TrainTrain's packages install.
+PROTECTED = ("torch", "torchvision", "gradio", "transformers", "diffusers", "pydantic", "numpy", "huggingface-hub")
+
+
 def installed(distribution: str) -> bool:
     """Whether a distribution is installed."""
     try:
@@ -49,15 +58,54 @@ def torch_at_least(major: int, minor: int) -> bool:
     return (int(version[0]), int(version[1])) >= (major, minor)
 
 
-def install_in_webui() -> None:
-    """Inside the WebUI: add only what is missing through the WebUI's own pip runner."""
-    import launch  # the WebUI's module, importable only when the WebUI runs this file
+def host_kind(webui_root: Path) -> str:
+    """'forge' (Forge main / Neo ship `backend/memory_management.py`), 'reforge' (ships `ldm_patched/`) or 'a1111'."""
+    if (webui_root / "backend" / "memory_management.py").is_file():
+        return "forge"
+    if (webui_root / "ldm_patched").is_dir():
+        return "reforge"
+    return "a1111"
 
-    for distribution, requirement in WEBUI_PACKAGES.items():
-        if not installed(distribution):
-            launch.run_pip(f"install {requirement}", f"TrainTrain requirement: {requirement}")
+
+def host_requirements(kind: str) -> dict[str, str]:
+    """distribution → requirement for this host: on Forge the host's own stack decides the versions (none pinned)."""
+    if kind != "forge":
+        return WEBUI_PACKAGES
+    return {name: name for name in WEBUI_PACKAGES}
+
+
+def constraints_text() -> str:
+    """pip constraints holding the installed versions of the host's core packages."""
+    pins = []
+    for distribution in PROTECTED:
+        try:
+            pins.append(f"{distribution}=={importlib.metadata.version(distribution)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "\n".join(pins) + "\n"
+
+
+def install_in_webui() -> None:
+    """Inside a host: add only what is missing through the host's own pip runner (Forge family: core packages held)."""
+    import launch  # the host's module, importable only when the host runs this file
+
+    kind = host_kind(Path(launch.__file__).resolve().parent)
+    missing = [r for d, r in host_requirements(kind).items() if not installed(d)]
     if not installed("bitsandbytes") and torch_at_least(2, 4):  # 8-bit optimizers need torch >= 2.4
-        launch.run_pip("install bitsandbytes==0.50.2", "TrainTrain requirement: bitsandbytes")
+        missing.append("bitsandbytes" if kind == "forge" else "bitsandbytes==0.50.2")
+    if not missing:
+        return
+    if kind == "a1111":
+        for requirement in missing:
+            launch.run_pip(f"install {requirement}", f"TrainTrain requirement: {requirement}")
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="traintrain-constraints-", delete=False) as handle:
+        handle.write(constraints_text())
+    try:
+        for requirement in missing:
+            launch.run_pip(f'install "{requirement}" -c "{handle.name}"', f"TrainTrain requirement: {requirement}")
+    finally:
+        os.unlink(handle.name)
 
 
 def pip(*args: str) -> None:

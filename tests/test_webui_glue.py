@@ -1,11 +1,11 @@
-"""The WebUI glue against small fake `modules.*` (and Lora extension) objects around a tiny ldm-built model: the
-generation lock held for the whole training, merged Lora weights restored, lowvram suspended and put back, fp8 and
-Forge refused, checkpoint / VAE picks loaded and undone, the Lora list refreshed, and the entry script's wiring."""
+"""The AUTOMATIC1111 host against small fake `modules.*` (and Lora extension) objects around a tiny ldm-built model:
+the generation lock held for the whole training, merged Lora weights restored, lowvram suspended and put back, fp8
+and non-LDM models refused, checkpoint / VAE picks loaded and undone, the Lora list refreshed, and the entry script's
+wiring."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.machinery
 import importlib.util
 import sys
 import threading
@@ -22,7 +22,9 @@ from torch import nn
 from traintrain.config import TrainConfig
 from traintrain.demo import demo_config, write_sample_images
 from traintrain.errors import TrainTrainError
-from traintrain.models import webui
+from traintrain import hosts
+from traintrain.hosts import common
+from traintrain.hosts.a1111 import A1111ModelProvider
 from traintrain.modes import OutputDirs, RunContext, run_training
 from traintrain.previews import preview_requests
 from traintrain.progress import StopFlag
@@ -160,7 +162,7 @@ def config_for(images: Path, **changes):
 
 def train_through_provider(fake: FakeWebUI, config, tmp: Path, progress=None):
     dirs = OutputDirs(lora=tmp / "Lora", logs=tmp / "logs", jsons=tmp / "jsons")
-    with webui.WebUIModelProvider().open(config) as bundle:
+    with A1111ModelProvider().open(config) as bundle:
         return bundle, run_training(RunContext(config, bundle, dirs, progress=progress))
 
 
@@ -186,7 +188,7 @@ def test_merged_lora_weights_are_restored_first(fake, model, images) -> None:
     with torch.no_grad():
         layer.weight += 0.5  # what the Lora extension's in-place merge left behind
     fake.networks.loaded_networks.append(SimpleNamespace(name="style"))
-    with webui.WebUIModelProvider().open(config_for(images)):
+    with A1111ModelProvider().open(config_for(images)):
         assert torch.equal(layer.weight, clean)
         assert fake.networks.loaded_networks == [] and layer.network_current_names == ()
         assert layer.network_weights_backup is None and layer.weight.requires_grad
@@ -221,22 +223,17 @@ def test_fp8_weights_are_refused_and_the_lock_released(fake, model, images) -> N
     layer = model.model.diffusion_model.input_blocks[1][1].proj_in
     layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
     with pytest.raises(TrainTrainError, match="FP8 weight to Disable"):
-        with webui.WebUIModelProvider().open(config_for(images)):
+        with A1111ModelProvider().open(config_for(images)):
             pass
     assert not fake.locked_elsewhere() and ("list_available_networks",) in fake.calls
 
 
-def test_forge_is_refused(fake, images, monkeypatch) -> None:
-    forge = types.ModuleType("modules_forge")
-    forge.__spec__ = importlib.machinery.ModuleSpec("modules_forge", None)
-    monkeypatch.setitem(sys.modules, "modules_forge", forge)
-    assert webui.is_forge()
-    with pytest.raises(TrainTrainError, match="not one"):
-        with webui.WebUIModelProvider().open(config_for(images)):
+def test_model_objects_that_are_not_ldm_modules_are_refused(fake, images) -> None:
+    fake.modules.shared.sd_model = SimpleNamespace(forge_objects=None)
+    with pytest.raises(TrainTrainError, match="loaded model is a SimpleNamespace"):
+        with A1111ModelProvider().open(config_for(images)):
             pass
-    monkeypatch.delitem(sys.modules, "modules_forge")
-    with pytest.raises(TrainTrainError, match="torch.nn.Module"):
-        webui.refuse_unsupported(SimpleNamespace(forge_objects=None))
+    assert not fake.locked_elsewhere() and fake.state.job == ""
 
 
 def test_picked_checkpoint_and_vae_are_loaded_and_undone(fake, model, images) -> None:
@@ -244,7 +241,7 @@ def test_picked_checkpoint_and_vae_are_loaded_and_undone(fake, model, images) ->
     fake.checkpoints["v2.safetensors [bbbb]"] = SimpleNamespace(filename="/m/v2.safetensors")
     fake.models["/m/v2.safetensors"] = other
     config = config_for(images, model="v2.safetensors [bbbb]", vae="anime.vae.pt", model_v_pred=False)
-    with webui.WebUIModelProvider().open(config) as bundle:
+    with A1111ModelProvider().open(config) as bundle:
         assert bundle.sd_model is other and bundle.kind == "sd2" and bundle.prediction == "v"
     assert fake.calls[:2] == [
         ("reload_model_weights", "/m/v2.safetensors"),
@@ -252,7 +249,7 @@ def test_picked_checkpoint_and_vae_are_loaded_and_undone(fake, model, images) ->
     ]
     assert fake.calls[2:4] == [("reload_vae_weights", None), ("reload_model_weights", "/m/base.safetensors")]
     assert fake.modules.shared.sd_model is model
-    with webui.WebUIModelProvider().open(config_for(images, vae="None", model_v_pred=True)) as bundle:
+    with A1111ModelProvider().open(config_for(images, vae="None", model_v_pred=True)) as bundle:
         assert bundle.sd_model is model and bundle.prediction == "v"
     assert fake.calls[4:] == [("list_available_networks",)] * 2  # 'None' = as loaded: nothing reloaded
 
@@ -260,19 +257,19 @@ def test_picked_checkpoint_and_vae_are_loaded_and_undone(fake, model, images) ->
 @pytest.mark.parametrize("field, value", [("model", "missing.ckpt"), ("vae", "missing.vae.pt")])
 def test_unknown_picks_are_refused(fake, images, field: str, value: str) -> None:
     with pytest.raises(TrainTrainError, match=f"'{value}' is not in the WebUI's"):
-        with webui.WebUIModelProvider().open(config_for(images, **{field: value})):
+        with A1111ModelProvider().open(config_for(images, **{field: value})):
             pass
     assert not fake.locked_elsewhere()
 
 
 def test_folders_and_lists(fake, tmp_path) -> None:
-    assert webui.lora_dir() == tmp_path / "models" / "Lora"
+    assert common.lora_dir() == tmp_path / "models" / "Lora"
     fake.modules.shared.cmd_opts.lora_dir = "/data/Lora"
-    assert webui.lora_dir() == Path("/data/Lora")
-    setattr(fake.modules.shared.opts, webui.LORA_DIR_OPTION, "/data/Lora/trained")
-    assert webui.lora_dir() == Path("/data/Lora/trained")
-    assert webui.checkpoint_choices() == ["", "base.safetensors [aaaa]"]
-    assert webui.vae_choices() == ["", "anime.vae.pt"]
+    assert common.lora_dir() == Path("/data/Lora")
+    setattr(fake.modules.shared.opts, hosts.LORA_DIR_OPTION, "/data/Lora/trained")
+    assert common.lora_dir() == Path("/data/Lora/trained")
+    assert common.checkpoint_choices() == ["", "base.safetensors [aaaa]"]
+    assert common.vae_choices() == ["", "anime.vae.pt"]
     assert ("list_models",) in fake.calls and ("refresh_vae_list",) in fake.calls
 
 
@@ -296,18 +293,18 @@ def test_entry_script_registers_the_tab_and_setting(fake, monkeypatch) -> None:
     spec.loader.exec_module(script)
     assert len(registered["tabs"]) == len(registered["settings"]) == 1
     registered["settings"][0]()
-    assert options == {webui.LORA_DIR_OPTION: "reload"}
+    assert options == {hosts.LORA_DIR_OPTION: "reload"}
     assert registered["tabs"][0]() == [("blocks", "TrainTrain", "traintrain")]
     provider, dirs, presets, queue_file = built["args"]
-    assert isinstance(provider, webui.WebUIModelProvider) and dirs.lora == webui.lora_dir()
+    assert type(provider) is A1111ModelProvider and dirs.lora == common.lora_dir()
     assert (presets, queue_file, dirs.logs) == (ROOT / "presets", ROOT / "queue.json", ROOT / "logs")
-    assert built["kwargs"] == {"model_choices": webui.checkpoint_choices, "vae_choices": webui.vae_choices}
+    assert built["kwargs"] == {"model_choices": hosts.Host.model_choices, "vae_choices": hosts.Host.vae_choices}
 
 
 def test_the_webui_interrupt_button_stops_the_training(fake, images, tmp_path) -> None:
     stop = StopFlag()
     state = fake.modules.shared.state
-    provider = webui.WebUIModelProvider(on_interrupt=lambda: stop.request(save=True))
+    provider = A1111ModelProvider(on_interrupt=lambda: stop.request(save=True))
     dirs = OutputDirs(lora=tmp_path / "Lora", logs=tmp_path / "logs", jsons=tmp_path / "jsons")
     config = config_for(images, train_iterations=5000)
 
@@ -324,7 +321,7 @@ def test_the_webui_interrupt_button_stops_the_training(fake, images, tmp_path) -
 
 def test_ileco_previews_go_through_the_webuis_txt2img_under_its_lock(fake) -> None:
     config = TrainConfig(mode="iLECO", original_prompt="a cat", target_prompt="a dog", image_size=(64, 96))
-    images = webui.WebUIModelProvider().preview(config, preview_requests(config, "all", seed=11))
+    images = A1111ModelProvider().preview(config, preview_requests(config, "all", seed=11))
     assert [image.size for image in images] == [(96, 64)] * 2
     drawn = [call for call in fake.calls if call[0] == "process_images"]
     assert drawn == [("process_images", p, 11, 96, 64, True, "TrainTrain preview") for p in ("a cat", "a dog")]
@@ -335,5 +332,5 @@ def test_previews_are_refused_while_the_webui_is_busy(fake) -> None:
     config = TrainConfig(mode="iLECO", original_prompt="a cat")
     with fake.queue_lock:
         with pytest.raises(TrainTrainError, match="busy"):
-            webui.WebUIModelProvider().preview(config, preview_requests(config, "original"))
+            A1111ModelProvider().preview(config, preview_requests(config, "original"))
     assert not any(call[0] == "process_images" for call in fake.calls)

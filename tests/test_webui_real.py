@@ -33,108 +33,25 @@ if not WEBUI_DIR:
     pytest.skip("WEBUI_DIR is not set (a real AUTOMATIC1111 WebUI checkout)", allow_module_level=True)
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from traintrain.config import FIELD_BY_NAME  # noqa: E402
 from traintrain.config_fields import IMAGE  # noqa: E402
 from traintrain.demo import demo_config, write_sample_images  # noqa: E402
-from traintrain.models.ldm_convert import save_single_file  # noqa: E402
-from traintrain.models.tiny import VAE_CONFIG, SCALING_FACTOR, like_a_trained_vae, build_tiny_components  # noqa: E402
-from traintrain.models.tokenizer import END, START, cache_dir, tiny_clip_tokenizer  # noqa: E402
+from webui_real_setup import (  # noqa: E402
+    OTHER_TRAINER_ROUTE,
+    SD1,
+    SDXL,
+    write_checkpoints,
+    write_other_trainer_extension,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA_NAME = "webui_check"
 START_TIMEOUT = 900  # seconds: importing the WebUI on 2 shared cores is slow
 TRAIN_TIMEOUT = 600
 ITERATIONS = 30
-CKPT = "tiny-sd1"
-
-# A v1-inference.yaml with the tiny model's sizes. The UNet has SD's two layers per level (the Lora extension's
-# diffusers-name converter assumes it); the VAE has 32 channels per level (ldm's GroupNorm has 32 groups).
-YAML = """model:
-  target: ldm.models.diffusion.ddpm.LatentDiffusion
-  params:
-    linear_start: 0.00085
-    linear_end: 0.0120
-    num_timesteps_cond: 1
-    log_every_t: 200
-    timesteps: 1000
-    first_stage_key: "jpg"
-    cond_stage_key: "txt"
-    image_size: 8
-    channels: 4
-    cond_stage_trainable: false
-    conditioning_key: crossattn
-    monitor: val/loss_simple_ema
-    scale_factor: 0.18215
-    use_ema: False
-    unet_config:
-      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
-      params:
-        image_size: 8
-        in_channels: 4
-        out_channels: 4
-        model_channels: 32
-        attention_resolutions: [ 1 ]
-        num_res_blocks: 2
-        channel_mult: [ 1, 2 ]
-        num_heads: 8
-        use_spatial_transformer: True
-        transformer_depth: 1
-        context_dim: 32
-        use_checkpoint: False
-        legacy: False
-    first_stage_config:
-      target: ldm.models.autoencoder.AutoencoderKL
-      params:
-        embed_dim: 4
-        monitor: val/rec_loss
-        ddconfig:
-          double_z: true
-          z_channels: 4
-          resolution: 64
-          in_channels: 3
-          out_ch: 3
-          ch: 32
-          ch_mult: [ 1, 1, 1, 1 ]
-          num_res_blocks: 1
-          attn_resolutions: []
-          dropout: 0.0
-        lossconfig:
-          target: torch.nn.Identity
-    cond_stage_config:
-      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
-      params:
-        version: "{clip}"
-"""
-
-
-def write_tiny_checkpoint(models: Path, clip_dir: Path) -> Path:
-    """The tiny SD1 model as `<models>/Stable-diffusion/tiny-sd1.safetensors` + its yaml, and the text encoder's
-    config and tokenizer files in `clip_dir` (FrozenCLIPEmbedder's `version`: a local folder, so nothing is fetched)."""
-    components = build_tiny_components("sd1")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        unet = UNet2DConditionModel.from_config({**components.unet.config, "layers_per_block": 2}).eval()
-        vae_config = {**VAE_CONFIG, "block_out_channels": (32,) * 4, "norm_num_groups": 32}
-        vae = like_a_trained_vae(AutoencoderKL(**vae_config, scaling_factor=SCALING_FACTOR["sd1"])).eval()
-    components = dataclasses.replace(components, unet=unet, vae=vae)
-    folder = models / "Stable-diffusion"
-    folder.mkdir(parents=True)
-    checkpoint = save_single_file(components, folder / f"{CKPT}.safetensors")
-    (folder / f"{CKPT}.yaml").write_text(YAML.replace("{clip}", str(clip_dir)), encoding="utf-8")
-    clip_dir.mkdir(parents=True)
-    components.text_encoders[0].config.to_json_file(str(clip_dir / "config.json"))
-    tiny_clip_tokenizer()
-    for name in ("vocab.json", "merges.txt"):
-        (clip_dir / name).write_bytes((cache_dir() / "tiny-char" / name).read_bytes())
-    special = {"bos_token": START, "eos_token": END, "unk_token": END, "pad_token": END}
-    (clip_dir / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    settings = {**special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
-    (clip_dir / "tokenizer_config.json").write_text(json.dumps(settings), encoding="utf-8")
-    return checkpoint
+LORA_NAME = {SD1: "webui_check", SDXL: "webui_check_sdxl"}
+BASE_MODEL_VERSION = {SD1: "sd_v1", SDXL: "sdxl_base_v1-0"}
 
 
 def free_port() -> int:
@@ -160,18 +77,30 @@ class WebUI:
         return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
 
     def wait_ready(self) -> None:
+        """Wait for the startup line, then for both checkpoints in the model list. No request goes out before the
+        startup line: one that reaches the server while the WebUI still adds its API middleware kills the WebUI
+        ("Cannot add middleware after an application has started")."""
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 pytest.fail(f"The WebUI exited ({self.process.returncode}):\n{self.log_tail()}")
+            if "Startup time:" not in self.log.read_text(encoding="utf-8", errors="replace"):
+                time.sleep(3)
+                continue
             try:
                 models = self.request("/sdapi/v1/sd-models", timeout=10)
-                if any(m["model_name"] == CKPT for m in models):
+                if {SD1, SDXL} <= {m["model_name"] for m in models}:
                     return
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
             time.sleep(3)
         pytest.fail(f"The WebUI did not answer within {START_TIMEOUT} s:\n{self.log_tail()}")
+
+    def use_checkpoint(self, name: str) -> None:
+        """Load checkpoint `name`, as picking it in the page's checkpoint list does."""
+        self.request("/sdapi/v1/options", {"sd_model_checkpoint": name})
+        loaded = self.request("/sdapi/v1/options")["sd_model_checkpoint"]
+        assert Path(loaded.split(" [")[0]).stem == name, f"{name} was not loaded: {loaded}"
 
     def txt2img(self, prompt: str) -> np.ndarray:
         payload = {
@@ -235,9 +164,12 @@ def webui(tmp_path_factory) -> WebUI:
     webui_dir = Path(WEBUI_DIR).resolve()
     python = os.environ.get("WEBUI_PYTHON") or str(webui_dir / "venv" / "bin" / "python")
     data = tmp_path_factory.mktemp("webui-data")
-    checkpoint = write_tiny_checkpoint(data / "models", data / "tiny-clip")
+    checkpoints = write_checkpoints(data, webui_dir)
     url = os.environ.get("TRAINTRAIN_GIT_URL") or ROOT.as_uri()
     subprocess.run(["git", "clone", "--quiet", url, str(data / "extensions" / "traintrain")], check=True)
+    write_other_trainer_extension(data / "extensions" / "other-trainer")
+    # No live previews: for SDXL the WebUI would download its preview approximation model.
+    (data / "config.json").write_text(json.dumps({"live_previews_enable": False}), encoding="utf-8")
     port, log = free_port(), data / "webui.log"
     command = [
         python,
@@ -247,7 +179,7 @@ def webui(tmp_path_factory) -> WebUI:
         "--data-dir",
         str(data),
         "--ckpt",
-        str(checkpoint),
+        str(checkpoints[SD1]),
         "--no-download-sd-model",
         "--use-cpu",
         "all",
@@ -278,41 +210,58 @@ def webui(tmp_path_factory) -> WebUI:
             process.wait(30)
 
 
-def test_lora_trained_in_the_tab_changes_txt2img(webui: WebUI, tmp_path) -> None:
-    prompt = "demo style, a picture"
-    base = webui.txt2img(prompt)
-    assert base.shape == (64, 64, 3)
-    assert np.array_equal(base, webui.txt2img(prompt)), "txt2img is not deterministic for a fixed seed"
-
+def train_in_tab(webui: WebUI, images: Path, lora_name: str) -> str:
+    """Fill the tab with the demo's LoRA settings, press Start Training and poll the status until the queue is
+    done; the status HTML."""
     app = GradioApp(webui)
     start, inputs = app.event("tt_start")
     status, _ = app.event("tt_status_refresh")
-    config = demo_config(write_sample_images(tmp_path / "images"), iterations=ITERATIONS)
-    config = dataclasses.replace(config, save_lora_name=LORA_NAME)
+    config = demo_config(write_sample_images(images), iterations=ITERATIONS)
+    config = dataclasses.replace(config, save_lora_name=lora_name)
     message = app.call(start, setting_values(app, inputs, config))[0]
     assert message.startswith("Started"), message
 
     deadline, html = time.monotonic() + TRAIN_TIMEOUT, ""
     while time.monotonic() < deadline:
         html = app.call(status, [])[0]
-        if 'data-state="idle"' in html:
+        if 'data-state="idle"' in html and "job(s) queued" not in html:  # a started job waits a moment as queued
             break
         time.sleep(2)
     assert 'data-state="idle"' in html, f"training did not finish in {TRAIN_TIMEOUT} s: {html}"
     assert "Error" not in html and "failed" not in html.lower(), html
     print("TrainTrain status:", re.sub(r"<[^>]+>", " ", html).split("Idle.")[-1].strip())
+    return html
+
+
+@pytest.mark.parametrize("checkpoint", [SD1, SDXL])
+def test_lora_trained_in_the_tab_changes_txt2img(webui: WebUI, tmp_path, checkpoint: str) -> None:
+    webui.use_checkpoint(checkpoint)
+    prompt, lora_name = "demo style, a picture", LORA_NAME[checkpoint]
+    base = webui.txt2img(prompt)
+    assert base.shape == (64, 64, 3)
+    assert np.array_equal(base, webui.txt2img(prompt)), "txt2img is not deterministic for a fixed seed"
+
+    html = train_in_tab(webui, tmp_path / "images", lora_name)
 
     webui.request("/sdapi/v1/refresh-loras", {})
     loras = {lora["name"]: lora for lora in webui.request("/sdapi/v1/loras")}
-    assert LORA_NAME in loras, f"{LORA_NAME} not listed: {sorted(loras)}; status: {html}"
-    assert Path(loras[LORA_NAME]["path"]).is_file()
-    assert loras[LORA_NAME]["metadata"].get("ss_base_model_version") == "sd_v1"
+    assert lora_name in loras, f"{lora_name} not listed: {sorted(loras)}; status: {html}"
+    assert Path(loras[lora_name]["path"]).is_file()
+    assert loras[lora_name]["metadata"].get("ss_base_model_version") == BASE_MODEL_VERSION[checkpoint]
 
     after = webui.txt2img(prompt)
     assert np.array_equal(base, after), "the WebUI's model changed by the training (base image differs)"
-    with_lora = webui.txt2img(f"{prompt} <lora:{LORA_NAME}:1>")
+    with_lora = webui.txt2img(f"{prompt} <lora:{lora_name}:1>")
     difference = float(np.abs(with_lora.astype(np.float64) - base.astype(np.float64)).mean())
-    print(f"mean abs pixel difference with <lora:{LORA_NAME}:1>: {difference:.3f} (0-255 scale)")
+    print(f"{checkpoint}: mean abs pixel difference with <lora:{lora_name}:1>: {difference:.3f} (0-255 scale)")
     assert difference > 1.0, f"the LoRA barely changed the image ({difference:.3f})"
     assert np.array_equal(base, webui.txt2img(prompt)), "the base image changed after a generation with the LoRA"
     assert "didn't match keys" not in webui.log.read_text(encoding="utf-8", errors="replace")
+
+
+def test_another_extensions_trainer_package_stays_its_own(webui: WebUI) -> None:
+    """The other extension's script imported its own top-level `trainer`, and still gets it after ours loaded."""
+    package = webui.request(OTHER_TRAINER_ROUTE)
+    assert package["owner"] == "other-trainer", package
+    for path in (package["at_load"], package["now"]):
+        assert Path(path).parent.parent.name == "other-trainer", package
