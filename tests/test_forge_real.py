@@ -133,7 +133,8 @@ def forge(tmp_path_factory) -> HostServer:
 
 
 def train_in_the_tab(forge: HostServer, images: Path) -> str:
-    """Fill the TrainTrain tab with the LoRA demo settings, press Start Training and poll its status until idle."""
+    """Fill the TrainTrain tab with the LoRA demo settings, press Start Training and poll its status until idle with
+    the job's outcome (which names the LoRA, saved or not)."""
     app = GradioApp(forge)
     assert app.gradio4, "Forge main and Neo run gradio 4"
     assert app.has("tt_start"), "the TrainTrain tab is not on the page"
@@ -147,7 +148,7 @@ def train_in_the_tab(forge: HostServer, images: Path) -> str:
     deadline, html = time.monotonic() + TRAIN_TIMEOUT, ""
     while time.monotonic() < deadline:
         html = app.call(status, [])[0]
-        if 'data-state="idle"' in html:
+        if 'data-state="idle"' in html and LORA_NAME in html:  # idle with the job's outcome, not before it ran
             break
         time.sleep(5)
     assert 'data-state="idle"' in html, f"training did not finish in {TRAIN_TIMEOUT} s: {html}"
