@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,14 @@ def draw(shape: str, color: str, box: tuple[int, int, int, int] = BIG, size: int
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return image
+
+
+def circle(path: Path, color: tuple[int, int, int], box=(12, 12, 52, 52), size=(64, 64)) -> str:
+    """Save a circle of the RGB `color` in `box` on white to `path`; the path as a string."""
+    image = Image.new("RGB", size, (255, 255, 255))
+    ImageDraw.Draw(image).ellipse(box, fill=color)
+    image.save(path)
+    return str(path)
 
 
 def prompt_of(color: str, shape: str) -> str:

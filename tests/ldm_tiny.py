@@ -172,20 +172,26 @@ class Conditioner(nn.Module):
         self.embedders = nn.ModuleList(embedders)
 
 
-def openclip_from_hf(encoder: nn.Module) -> OpenClipText:
-    """An open_clip text tower holding the weights of a transformers CLIP text model (via ldm_convert)."""
+def openclip_from_hf(encoder: nn.Module, extra_block: bool = False) -> OpenClipText:
+    """An open_clip text tower holding the weights of a transformers CLIP text model (via ldm_convert). With
+    `extra_block`, one more (random) block after them: SD2's real layout, whose 23-layer diffusers encoder is the
+    24-block OpenCLIP without its last block."""
     config = encoder.config
     projection = getattr(config, "projection_dim", config.hidden_size) if hasattr(encoder, "text_projection") else None
-    model = OpenClipText(
-        config.vocab_size,
-        config.hidden_size,
-        config.num_hidden_layers,
-        config.num_attention_heads,
-        config.intermediate_size,
-        projection or config.hidden_size,
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = OpenClipText(
+            config.vocab_size,
+            config.hidden_size,
+            config.num_hidden_layers + extra_block,
+            config.num_attention_heads,
+            config.intermediate_size,
+            projection or config.hidden_size,
+        )
     state = text_encoder_state_dict_to_ldm(encoder.state_dict(), "openclip")
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+    missing, unexpected = model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+    last = f"transformer.resblocks.{config.num_hidden_layers}."
+    assert not unexpected and all(extra_block and key.startswith(last) for key in missing), (missing, unexpected)
     return model.eval()
 
 
@@ -205,7 +211,7 @@ def build_ldm_model(kind: str, seed: int = 0, wrapped: bool = True) -> tuple[Lat
     if kind == "sd1":
         text = wrap(FrozenCLIPEmbedder(copy.deepcopy(encoders[0]), tokenizers[0]))
     elif kind == "sd2":
-        text = wrap(FrozenOpenCLIPEmbedder(openclip_from_hf(encoders[0])))
+        text = wrap(FrozenOpenCLIPEmbedder(openclip_from_hf(encoders[0], extra_block=True)))
     else:
         sizes = [
             ConcatTimestepEmbedderND(key, 8)

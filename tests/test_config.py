@@ -110,7 +110,7 @@ def test_choice_lists():
         "constant", "constant_with_warmup", "piecewise_constant",
     }  # fmt: skip
     assert LOSS_FUNCTIONS == ("MSE", "L1", "Smooth-L1")
-    assert MODEL_PRECISIONS == ("model", "fp32", "bf16", "fp16") and SAVE_PRECISIONS == MODEL_PRECISIONS
+    assert MODEL_PRECISIONS == ("model", "fp32", "bf16", "fp16", "int8") and SAVE_PRECISIONS == MODEL_PRECISIONS[:-1]
     assert LORA_PRECISIONS == VAE_PRECISIONS == ("fp32", "bf16", "fp16")
 
 

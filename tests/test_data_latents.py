@@ -48,10 +48,12 @@ def test_cache_shapes_and_values(folder: Path) -> None:
     images = load_image_dataset(folder, OPTIONS)
     first_square = images.samples[0].pixels.clone()
     dataset = LatentDataset.build(images, fake_encode, batch_size=2)
-    assert images.samples == []  # pixels freed
+    assert images.samples == []  # nothing but the latents is kept
     shapes = {bucket: tuple(data.latents.shape) for bucket, data in dataset.buckets.items()}
     assert shapes == {(64, 96): (1, 4, 12, 8), (64, 64): (3, 4, 8, 8), (96, 64): (2, 4, 8, 12)}
-    assert torch.allclose(dataset.buckets[(64, 64)].latents[0], fake_encode(first_square[None])[0])
+    assert all(data.latents.dtype == torch.float16 for data in dataset.buckets.values())
+    expected = fake_encode(first_square[None])[0]
+    torch.testing.assert_close(dataset.buckets[(64, 64)].latents[0].float(), expected, atol=1e-3, rtol=1e-3)
     assert all(data.masks is None for data in dataset.buckets.values())
     assert len(dataset) == 6 and len(dataset.prompts) == 6
     assert dataset.summary() == "6 samples from 6 images in 3 buckets: 64x96: 1, 64x64: 3, 96x64: 2"
@@ -68,7 +70,7 @@ def test_batches_never_mix_buckets_and_match_their_prompts(folder: Path) -> None
         assert all(prompt.startswith(f"{width}x{height} ") for prompt in batch.prompts)
         for latent, prompt in zip(batch.latents, batch.prompts):
             value = int(prompt.split()[1])
-            assert torch.allclose(latent[0], torch.full_like(latent[0], value / 127.5 - 1), atol=1e-5)
+            assert torch.allclose(latent[0], torch.full_like(latent[0], value / 127.5 - 1), atol=1e-3)  # fp16 cache
         seen[batch.bucket] += 1
     assert set(seen) == {(64, 96), (64, 64), (96, 64)}
 
@@ -141,3 +143,33 @@ def test_sampler_rejects_bad_input() -> None:
         BucketSampler({(64, 64): 0})
     with pytest.raises(ValueError):
         BucketSampler({(64, 64): 2}).draw(0, torch.Generator())
+
+
+def test_batches_carry_each_images_size_and_crop(tmp_path: Path) -> None:
+    _image(tmp_path / "wide.png", 97, 64, 50)  # covers the 64x64 bucket at 97x64: crop left 16, mirrored 17
+    _image(tmp_path / "big.png", 128, 128, 90)  # resized to 64x64: no crop
+    options = DataOptions(image_size=64, buckets_step=64, min_length=64, mirroring=True)
+    dataset = _build(tmp_path, options)
+    batch = dataset.gather((64, 64), [0, 1, 2, 3])
+    assert batch.latents.dtype == torch.float32
+    rows = {(prompt, tuple(row)) for prompt, row in zip(batch.prompts, batch.sizes.int().tolist())}
+    assert rows == {
+        ("128x128 90", (128, 128, 0, 0, 64, 64)),
+        ("97x64 50", (64, 97, 0, 16, 64, 64)),
+        ("97x64 50", (64, 97, 0, 17, 64, 64)),
+    }
+
+
+def test_streaming_decodes_each_image_once_and_refuses_nan_latents(folder: Path, monkeypatch) -> None:
+    import traintrain.data.dataset as dataset_module
+    from traintrain.errors import TrainTrainError
+
+    images = load_image_dataset(folder, DataOptions(image_size=(96, 64), buckets_step=32, min_length=64, mirroring=True))
+    loads = []
+    real = dataset_module.load_image
+    monkeypatch.setattr(dataset_module, "load_image", lambda path: loads.append(path) or real(path))
+    LatentDataset.build(images, fake_encode)
+    assert len(loads) == 6 == len(set(loads)), "one decode per source image, for the image and its mirror"
+    images = load_image_dataset(folder, OPTIONS)
+    with pytest.raises(TrainTrainError, match="train VAE precision"):
+        LatentDataset.build(images, lambda pixels: fake_encode(pixels) / 0.0 * 0.0)

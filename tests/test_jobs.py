@@ -206,31 +206,31 @@ def test_invalid_settings_are_refused_before_queueing(make_queue, tiny_provider,
 
 
 @pytest.mark.parametrize("save", [True, False])
-def test_stop_ends_the_job_saves_as_asked_and_pauses_the_queue(make_queue, tiny_provider, images, tmp_path, save):
+def test_stop_ends_the_job_saves_as_asked_and_can_pause_the_queue(make_queue, tiny_provider, images, tmp_path, save):
     queue = make_queue(RecordingProvider(tiny_provider))
     reached = threading.Event()
     queue.subscribe(lambda progress: progress.step >= 2 and reached.set())
     queue.add(job(images, "waiting"))
     queue.start(job(images, "long", iterations=2000))
     assert reached.wait(WAIT)
-    assert queue.stop(save=save).startswith("Stopping 'long'")
+    assert queue.stop(save=save, pause_queue=True).startswith("Stopping 'long'")
     assert queue.wait_idle(WAIT)
     (entry,) = queue.status().results
     assert entry.state == "stopped" and entry.message.startswith("Stopped at step")
     saved = sorted(p.name for p in (tmp_path / "lora").glob("long*.safetensors"))
-    assert (len(saved) == 1 and saved[0].startswith("long-step")) if save else saved == []
+    assert (len(saved) == 1 and saved[0].startswith("long_") and saved[0].endswith("steps.safetensors")) if save else saved == []
     assert [(e.name, e.state) for e in queue.entries()] == [("waiting", "paused")]
     assert queue.stop(save=True) == "Nothing is training."
 
 
-def test_stop_can_let_the_queue_go_on(make_queue, tiny_provider, images):
+def test_stop_lets_the_queue_go_on_by_default_as_the_original(make_queue, tiny_provider, images):
     queue = make_queue(RecordingProvider(tiny_provider))
     reached = threading.Event()
     queue.subscribe(lambda progress: progress.step >= 2 and reached.set())
     queue.add(job(images, "next"))
     queue.start(job(images, "long", iterations=2000))
     assert reached.wait(WAIT)
-    assert "run next" in queue.stop(save=False, continue_queue=True)
+    assert "run next" in queue.stop(save=False)
     assert queue.wait_idle(WAIT)
     states = {entry.name: entry.state for entry in queue.status().results}
     assert states == {"long": "stopped", "next": "done"} and queue.entries() == []
@@ -238,7 +238,7 @@ def test_stop_can_let_the_queue_go_on(make_queue, tiny_provider, images):
 
 def test_stop_while_idle_changes_nothing(make_queue, tiny_provider, images):
     queue = make_queue(RecordingProvider(tiny_provider))
-    assert queue.stop(save=False, continue_queue=True) == "Nothing is training."
+    assert queue.stop(save=False, pause_queue=True) == "Nothing is training."
     queue.add(job(images, "queued only"))
     assert [e.state for e in queue.entries()] == ["paused"], "Add to Queue still only queues"
     queue.start(job(images, "now", iterations=2))

@@ -61,13 +61,26 @@ def test_same_numbers_and_targets_as_the_diffusers_adapter(kind: str) -> None:
     with torch.no_grad():
         cond, expected = bundle.encode_text(PROMPTS), reference.encode_text(PROMPTS)
         torch.testing.assert_close(cond.context, expected.context, atol=1e-5, rtol=1e-5)
+        long_prompts = [*PROMPTS, ", ".join(["a red circle on white"] * 6)]  # 125 char tokens: two chunks
+        bundle.clip_skip = reference.clip_skip = 2  # SD1 only
+        long, long_expected = bundle.encode_text(long_prompts), reference.encode_text(long_prompts)
+        assert long.context.shape[1] == 154
+        torch.testing.assert_close(long.context, long_expected.context, atol=1e-5, rtol=1e-5)
+        if kind == "sd1":
+            assert not torch.allclose(long.context[:2, :77], cond.context, atol=1e-3), "clip skip takes another layer"
+        if kind == "sdxl":
+            torch.testing.assert_close(long.pooled, long_expected.pooled, atol=1e-5, rtol=1e-5)
         assert (cond.pooled is None) == (kind != "sdxl")
         if cond.pooled is not None:
             torch.testing.assert_close(cond.pooled, expected.pooled, atol=1e-5, rtol=1e-5)
         noisy, timesteps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700])
-        torch.testing.assert_close(
-            bundle.predict(noisy, timesteps, cond), reference.predict(noisy, timesteps, expected), atol=1e-5, rtol=1e-5
-        )
+        plain = bundle.predict(noisy, timesteps, cond)
+        torch.testing.assert_close(plain, reference.predict(noisy, timesteps, expected), atol=1e-5, rtol=1e-5)
+        sizes = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [96.0, 80.0, 16.0, 8.0, 64.0, 64.0]])
+        sized = bundle.predict(noisy, timesteps, cond, sizes)
+        torch.testing.assert_close(sized, reference.predict(noisy, timesteps, expected, sizes), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sized[:1], plain[:1], atol=1e-6, rtol=1e-6)  # the default: uncropped, own size
+        assert (kind == "sdxl") != torch.allclose(sized[1:], plain[1:], atol=1e-4), "only SDXL sees image sizes"
     ours = {t.name: t for t in bundle.lora_targets()}
     theirs = {t.name: t for t in reference.lora_targets()}
     assert ours.keys() == theirs.keys()
@@ -218,7 +231,8 @@ def test_kohya_names_map_back_to_the_trained_webui_modules(name: str) -> None:
             n.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for n in unet_names
         )
     # UNet: 12 per transformer of depth 1 (+10 per deeper block) and 86 / 66 resnet convs and samplers; TE: 6 per layer.
-    counts = {"sd15": (16 * 12 + 86, 12 * 6), "sd21": (16 * 12 + 86, 24 * 6), "sdxl": (11 * 2 + 70 * 10 + 66, 44 * 6)}
+    # SD2.1's 24th OpenCLIP block has none: SD2 conditions on the penultimate layer (kohya's encoder has 23 layers).
+    counts = {"sd15": (16 * 12 + 86, 12 * 6), "sd21": (16 * 12 + 86, 23 * 6), "sdxl": (11 * 2 + 70 * 10 + 66, 44 * 6)}
     unet = sum(t.name.startswith("lora_unet") for t in targets)
     text = sum(t.name.startswith("lora_te") for t in targets)
     assert (unet, text) == counts[name]
@@ -340,10 +354,11 @@ def test_gradients_reach_every_adapter_with_and_without_checkpointing() -> None:
                 out.square().mean().backward()
             grads.append({n: a.lora_down.weight.grad for n, a in network.adapters.items()})
             network.zero_grad()
-    unused = {n for n in grads[0] if n.startswith("lora_te_text_model_encoder_layers_1_")}  # SD2: penultimate layer
-    assert len(unused) == 6 and all(grads[0][n] is None for n in unused)
-    assert any("_self_attn_q_proj" in n for n in grads[0].keys() - unused)
-    for name in grads[0].keys() - unused:
+    # SD2 conditions on OpenCLIP's penultimate layer: its last block (layers_2) has no target, every other one trains.
+    assert any(n.startswith("lora_te_text_model_encoder_layers_1_") for n in grads[0])
+    assert not any(n.startswith("lora_te_text_model_encoder_layers_2_") for n in grads[0])
+    assert any("_self_attn_q_proj" in n for n in grads[0])
+    for name in grads[0]:
         assert grads[0][name].abs().sum() > 0, name
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4)
     assert all(m.checkpoint for m in model.modules() if isinstance(getattr(m, "checkpoint", None), bool))

@@ -73,15 +73,58 @@ def test_sdxl_pooled_and_concatenated_penultimate_states():
     assert torch.allclose(cond.context[..., 32:], te2.hidden_states[-2])
 
 
-def test_sd1_last_layer_and_sd2_penultimate_normed():
+def test_sd1_last_layer_and_sd2_last_layer_of_the_converted_encoder():
     sd1 = build_tiny("sd1")
     assert torch.allclose(sd1.encode_text(PROMPTS).context, hidden(sd1, 0, PROMPTS).last_hidden_state)
     sd2 = build_tiny("sd2")
     reference = hidden(sd2, 0, PROMPTS)
-    context = sd2.encode_text(PROMPTS).context
-    normed = sd2.components.text_encoders[0].text_model.final_layer_norm(reference.hidden_states[-2])
-    assert torch.allclose(context, normed)
-    assert not torch.allclose(context, reference.last_hidden_state)
+    # The diffusers SD2 encoder is OpenCLIP without its last block: its last layer (final norm applied) is
+    # OpenCLIP's penultimate, what the WebUI and diffusers' SD2 pipeline condition on.
+    assert torch.allclose(sd2.encode_text(PROMPTS).context, reference.last_hidden_state)
+
+
+def test_clip_skip_takes_an_earlier_sd1_layer_with_the_final_norm():
+    sd1 = build_tiny("sd1")
+    reference = hidden(sd1, 0, PROMPTS)
+    sd1.clip_skip = 2
+    norm = sd1.components.text_encoders[0].text_model.final_layer_norm
+    assert torch.allclose(sd1.encode_text(PROMPTS).context, norm(reference.hidden_states[-2]))
+    sdxl = build_tiny("sdxl")
+    plain = sdxl.encode_text(PROMPTS).context
+    sdxl.clip_skip = 2
+    assert torch.equal(sdxl.encode_text(PROMPTS).context, plain), "SDXL always takes the penultimate layers"
+
+
+def chunk_reference(bundle, index: int, prompt: str, cut: int) -> torch.Tensor:
+    """The encoder's conditioning layer for a prompt of more than 75 tokens, encoded by hand as the WebUI does: the
+    first `cut` text tokens and the rest, each as its own 77-token sequence, concatenated."""
+    tok, te = bundle.components.tokenizers[index], bundle.components.text_encoders[index]
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    rows = []
+    for part in (ids[:cut], ids[cut:]):
+        rows.append([tok.bos_token_id, *part, tok.eos_token_id] + [tok.pad_token_id] * (75 - len(part)))
+    output = te(torch.tensor(rows), output_hidden_states=True)
+    layer = output.hidden_states[-2] if bundle.kind == "sdxl" else output.last_hidden_state
+    return layer.flatten(0, 1)[None], getattr(output, "text_embeds", None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_prompts_are_encoded_in_75_token_chunks(kind):
+    bundle = build_tiny(kind)
+    long_prompt = "a" * 60 + ", " + "b" * 30  # 91 char tokens; the comma (token 61) is 15 back from token 75
+    cond = bundle.encode_text([long_prompt, "short"])
+    assert cond.context.shape == (2, 154, WIDTH[kind])
+    widths = [32, 48] if kind == "sdxl" else [WIDTH[kind]]
+    offset = 0
+    for index, width in enumerate(widths):
+        expected, pooled = chunk_reference(bundle, index, long_prompt, 61)  # cut after the comma
+        assert torch.allclose(cond.context[:1, :, offset : offset + width], expected, atol=1e-5)
+        if pooled is not None:
+            assert torch.allclose(cond.pooled[0], pooled[0], atol=1e-5), "pooled from the first chunk"
+        offset += width
+    short = bundle.encode_text(["short"]).context
+    assert torch.allclose(cond.context[1:, :77], short, atol=1e-5), "a shorter prompt's first chunk is unchanged"
+    assert not torch.allclose(cond.context[:1, 77:], cond.context[:1, :77]), "the second chunk is encoded too"
 
 
 def test_sdxl_time_ids_are_pixel_sizes():
@@ -97,6 +140,9 @@ def test_sdxl_time_ids_are_pixel_sizes():
     expected = torch.tensor([[64.0, 48.0, 0.0, 0.0, 64.0, 48.0]] * 2)
     assert torch.equal(seen["time_ids"], expected)
     assert torch.equal(seen["text_embeds"], cond.pooled)
+    sizes = torch.tensor([[1024.0, 768.0, 32.0, 0.0, 64.0, 48.0]] * 2)  # an image's own size and crop
+    bundle.predict(torch.randn(2, 4, 8, 6), torch.tensor([1, 2]), cond, sizes)
+    assert torch.equal(seen["time_ids"], sizes)
 
 
 def test_training_freezes_places_and_restores():

@@ -153,13 +153,14 @@ def file_delta(tensors: dict[str, torch.Tensor], name: str, shape: torch.Size) -
     """ΔW of one module by the WebUI / LyCORIS rules (alpha / rank, rank = dim 0 of lora_down / hada_w1_b).
 
     LoRA: up @ down (a k×k conv down is combined with the 1×1 up as the WebUI does, by a convolution);
-    LoHa: (w1_a @ w1_b) ⊙ (w2_a @ w2_b), the conv `hada_w*_b` flattened or 4-D, reshaped to the layer's weight.
+    LoHa: (w1_a @ w1_b) ⊙ (w2_a @ w2_b) as plain matrix products (LyCORIS / ComfyUI: a 4-D `hada_w*_b` fails there),
+    reshaped to the layer's weight.
     """
     alpha = float(tensors[f"{name}.alpha"])
     if f"{name}.hada_w1_a" in tensors:
         w1a, w1b, w2a, w2b = (tensors[f"{name}.hada_{part}"] for part in ("w1_a", "w1_b", "w2_a", "w2_b"))
         rank = w1b.shape[0]
-        delta = (w1a @ w1b.flatten(1)) * (w2a @ w2b.flatten(1))
+        delta = (w1a @ w1b) * (w2a @ w2b)
     else:
         down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
         rank = down.shape[0]
@@ -285,7 +286,7 @@ def test_file_shapes_ranks_and_alphas(trained: Trained) -> None:
         if trained.network_type == "loha":
             assert shape("hada_w1_a") == shape("hada_w2_a") == (out_dim, rank), name
             assert shape("hada_w1_b") == shape("hada_w2_b"), name
-            assert shape("hada_w1_b") in {(rank, in_dim, *kernel), (rank, weight[0].numel())}, name
+            assert shape("hada_w1_b") == (rank, weight[0].numel()), f"{name}: LyCORIS' flat (rank, in·k·k) layout"
         else:
             assert shape("lora_down.weight") == (rank, in_dim, *kernel), name
             assert shape("lora_up.weight") == (out_dim, rank, *((1, 1) if kernel else ())), name
@@ -356,7 +357,7 @@ def load_loha_with_peft(components: Components, tensors: dict[str, torch.Tensor]
                 layer = part.get_submodule(path)
                 for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
                     param = getattr(layer, key)["default"]
-                    param.copy_(tensors[f"{name}.{key}"].reshape(param.shape))  # peft keeps conv w*_b flattened
+                    param.copy_(tensors[f"{name}.{key}"].view(param.shape))  # peft keeps conv w*_b flat, as saved
 
 
 def test_public_loader_applies_the_file(trained: Trained) -> None:
@@ -387,8 +388,8 @@ def lr_columns(log: Path) -> list[list[float]]:
     """The `Learning Rate k` columns of a CSV log, one list per row."""
     rows = list(csv.reader(log.read_text().splitlines()[8:]))
     header = rows[0]
-    assert header[:2] == ["Step", "Loss"]
-    return [[float(v) for v in row[2:]] for row in rows[1:]]
+    assert header[:2] == ["Step", "Loss"] and header[-1] == "Raw Loss"
+    return [[float(v) for v in row[2:-1]] for row in rows[1:]]
 
 
 @pytest.mark.parametrize("te_lr, expected", [(1e-3, [1e-3, 1e-2]), (0.0, [1e-2, 1e-2])])
@@ -404,7 +405,7 @@ def test_text_encoder_learning_rate_is_its_own_group(images, tmp_path, te_lr: fl
     te_params = {id(p) for name in network.text_encoder_names for p in network.adapters[name].parameters()}
     assert {id(p) for p in groups[0]["params"]} == te_params and te_params
     assert not te_params & {id(p) for p in groups[1]["params"]}
-    (log,) = (tmp_path / "logs").glob("demo-*.csv")
+    (log,) = (tmp_path / "logs").glob("*/demo-*.csv")
     assert lr_columns(log) == [expected] * 3
     _, metadata = read_network_file(result.path)
     assert float(metadata["ss_text_encoder_lr"]) == expected[0]
@@ -416,7 +417,7 @@ def test_without_base_there_is_one_unet_group(images, tmp_path) -> None:
     with captured(traintrain.loop, "build_optimizer") as optimizers:
         _, network, _ = train(tmp_path, config, "sd1")
     assert [g["name"] for g in optimizers[0].param_groups] == ["unet"] and not network.text_encoder_names
-    (log,) = (tmp_path / "logs").glob("demo-*.csv")
+    (log,) = (tmp_path / "logs").glob("*/demo-*.csv")
     assert lr_columns(log) == [[config.train_learning_rate]] * 2
 
 

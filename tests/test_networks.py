@@ -145,8 +145,8 @@ def test_strength_scales_delta_linearly() -> None:
 
 
 def test_pickled_and_missing_files_refused(tmp_path) -> None:
-    with pytest.raises(TrainTrainError, match="only .safetensors"):
-        read_network_file(tmp_path / "evil.pt")
+    with pytest.raises(TrainTrainError, match="only .safetensors and .pt"):
+        read_network_file(tmp_path / "evil.ckpt")
     with pytest.raises(TrainTrainError, match="not found"):
         read_network_file(tmp_path / "none.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")

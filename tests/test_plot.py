@@ -24,9 +24,10 @@ def test_plot_has_the_logged_points(tmp_path):
     _write_log(tmp_path, "demo-20250101_000000", ROWS)
     figure = plot_named(tmp_path, "demo-20250101_000000")
     loss_axis, lr_axis = figure.axes
-    (loss_line,) = loss_axis.get_lines()
+    raw_line, loss_line = loss_axis.get_lines()
     assert list(loss_line.get_xdata()) == [1, 2, 3]
-    assert list(loss_line.get_ydata()) == pytest.approx([0.5, 0.4, 0.35])
+    assert list(raw_line.get_ydata()) == pytest.approx([0.5, 0.4, 0.35])
+    assert list(loss_line.get_ydata()) == pytest.approx([0.5, 0.49, 0.476])  # EMA, weight 0.1 per new step
     lr_lines = lr_axis.get_lines()
     assert [line.get_label() for line in lr_lines] == ["Learning Rate 1", "Learning Rate 2"]
     assert list(lr_lines[1].get_ydata()) == pytest.approx([5e-4, 4e-4, 3e-4])
@@ -38,7 +39,17 @@ def test_plot_has_the_logged_points(tmp_path):
 def test_header_rows_are_read(tmp_path):
     log = read_log(_write_log(tmp_path, "a", ROWS, lr_columns=1))
     assert log.header["network_rank"] == "8"
-    assert list(log.table.columns) == ["Step", "Loss", "Learning Rate 1"]
+    assert list(log.table.columns) == ["Step", "Loss", "Learning Rate 1", "Raw Loss"]
+
+
+def test_the_originals_log_without_raw_loss_plots(tmp_path):
+    """A log the original wrote (smoothed Loss only) still plots: one loss line, the learning rates beside it."""
+    rows = [f"{key},1" for key in ("network_rank", "network_alpha", "train_learning_rate", "train_iterations",
+                                  "train_lr_scheduler", "model_version", "train_optimizer", "save_lora_name")]
+    (tmp_path / "old.csv").write_text("\n".join([*rows, "Step,Loss,Learning Rate 1", "1,0.2,0.001", "2,0.19,0.0009"]))
+    loss_axis, lr_axis = plot_named(tmp_path, "old").axes
+    assert [list(line.get_ydata()) for line in loss_axis.get_lines()] == [pytest.approx([0.2, 0.19])]
+    assert len(lr_axis.get_lines()) == 1
 
 
 def test_blank_name_picks_the_newest_log(tmp_path):

@@ -18,6 +18,7 @@ from traintrain.demo import demo_config, write_sample_images
 from traintrain.errors import TrainTrainError
 from traintrain.models.tiny import build_tiny
 from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.preflight import settings_problems
 from traintrain.progress import StopFlag
 
 
@@ -64,7 +65,7 @@ def test_stop_saves_the_lora_so_far_as_step_file(images, tmp_path) -> None:
 
     result = run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path), progress, stop))
     assert result.stopped and result.steps == 3
-    assert lora_files(tmp_path) == ["demo-step3.safetensors"] and result.path.name == "demo-step3.safetensors"
+    assert lora_files(tmp_path) == ["demo_3steps.safetensors"] and result.path.name == "demo_3steps.safetensors"
 
 
 def test_stop_without_saving_writes_nothing(images, tmp_path) -> None:
@@ -75,7 +76,7 @@ def test_stop_without_saving_writes_nothing(images, tmp_path) -> None:
 
 
 def test_nan_stops_with_a_message_and_keeps_the_last_good_save(images, tmp_path) -> None:
-    config = config_for(images, train_learning_rate=1e6, save_per_steps=1, train_optimizer="SGDNesterov")
+    config = config_for(images, train_learning_rate=10, network_alpha=1024, save_per_steps=1, train_optimizer="SGDNesterov")
     with pytest.raises(TrainTrainError, match=r"(NaN|nan|inf).*step \d+"):
         run_training(RunContext(config, build_tiny("sd1"), dirs_in(tmp_path)))
     saved = lora_files(tmp_path)
@@ -105,13 +106,20 @@ def test_out_of_memory_is_a_clear_message(images, tmp_path, monkeypatch) -> None
     assert result.path.exists(), "the next job runs normally"
 
 
-def test_disk_full_leaves_no_partial_file(images, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("raised_by", ["safetensors", "os"])
+def test_disk_full_leaves_no_partial_file(images, tmp_path, monkeypatch, raised_by) -> None:
+    import traintrain.files as files
+
+    real_save = files.save_file
+
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if raised_by == "os":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, "/dev/full", metadata=metadata)  # the real SafetensorError of a full disk
 
-    monkeypatch.setattr(kohya_io, "save_file", full_disk)
-    with pytest.raises(TrainTrainError, match="No space left on device"):
+    monkeypatch.setattr(files, "save_file", full_disk)
+    with pytest.raises(TrainTrainError, match=r"the disk is full \(No space left on device\)\. Free some space"):
         run_training(RunContext(config_for(images), build_tiny("sd1"), dirs_in(tmp_path)))
     assert lora_files(tmp_path) == [], "neither the final file nor a temp file is left behind"
 
@@ -124,10 +132,15 @@ def test_unwritable_lora_folder_is_a_clear_error(images, tmp_path) -> None:
 
 
 def test_pickled_resume_file_is_refused(images, tmp_path) -> None:
+    """.pt LoRAs are read weights-only: a pickled object that is not a tensor is refused, never built."""
     evil = tmp_path / "evil.pt"
-    torch.save({"x": torch.zeros(1)}, evil)
-    with pytest.raises(TrainTrainError, match="only .safetensors"):
+    torch.save({"x": Path("an object, not a tensor")}, evil)
+    with pytest.raises(TrainTrainError, match="not a readable .pt LoRA"):
         run_training(RunContext(config_for(images, network_resume=str(evil)), build_tiny("sd1"), dirs_in(tmp_path)))
+    ckpt = tmp_path / "x.ckpt"
+    torch.save({"x": torch.zeros(1)}, ckpt)
+    with pytest.raises(TrainTrainError, match="only .safetensors and .pt"):
+        run_training(RunContext(config_for(images, network_resume=str(ckpt)), build_tiny("sd1"), dirs_in(tmp_path)))
 
 
 def test_resume_continues_from_a_saved_lora(images, tmp_path) -> None:
@@ -138,20 +151,34 @@ def test_resume_continues_from_a_saved_lora(images, tmp_path) -> None:
     assert resumed.losses[0] < first.losses[0], "resuming starts from the trained weights, not from zero"
 
 
+LIMITS = (0, 1, -1, 8, 63, 64, 1024, 1025, 4096, 4097, 10**6, 10**6 + 1, 2**32, 2**63, 10**400, -(10**400))
+NUMBERS = st.sampled_from(LIMITS) | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    st.none() | st.booleans() | NUMBERS | st.text(max_size=20) | NUMBERS.map(str) | st.just("9" * 400),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=5,
+    max_leaves=8,
 )
 KEYS = st.sampled_from([spec.key for spec in FIELDS] + ["mode", "2nd pass", "unknown"])
+SETTINGS = st.dictionaries(KEYS, JSON_VALUES, max_size=8)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.dictionaries(KEYS, JSON_VALUES, max_size=6), name=st.text(max_size=40))
-def test_fuzzed_settings_only_ever_raise_train_train_error(tmp_path, data, name) -> None:
+def nested(value, depth: int):
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=SETTINGS | SETTINGS.map(lambda d: {**d, "2nd pass": d}), name=st.text(max_size=40),
+       depth=st.sampled_from([0, 0, 50, 500]))  # fmt: skip
+def test_fuzzed_settings_only_ever_raise_train_train_error(tmp_path, data, name, depth) -> None:
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(nested(data, depth) if depth else data))
     try:
-        config = TrainConfig.from_json_dict(json.loads(json.dumps(data)))
+        config = TrainConfig.load_json(path)
         config.save_lora_name = name
+        for problem in settings_problems(config, model_files=True):
+            assert isinstance(problem, str) and len(problem) < 2000, "a message never repeats a huge value"
         config.validate()
     except TrainTrainError:
         return

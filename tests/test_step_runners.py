@@ -247,7 +247,7 @@ def test_learning_rates_held_as_tensors_are_read_at_the_read_back(tmp_path, samp
     config = mode_config("LoRA", sample_images, ("", ""), train_iterations=4, logging_save_csv=True)
     dirs = OutputDirs(tmp_path / "Lora", tmp_path / "logs", tmp_path / "jsons")
     run_training(RunContext(config, build_tiny("sd1"), dirs, progress=events.append))
-    rows = (next((tmp_path / "logs").glob("*.csv"))).read_text().splitlines()[9:]
+    rows = (next((tmp_path / "logs").glob("*/*.csv"))).read_text().splitlines()[9:]
     assert [row.split(",")[0] for row in rows] == ["1", "2", "3", "4"]
     assert all(float(row.split(",")[2]) > 0 for row in rows)
     assert [event.step for event in events] == [1, 2, 3, 4] and all(isinstance(e.lr, float) for e in events)

@@ -66,10 +66,10 @@ def test_saved_file_is_a_kohya_lora(trained) -> None:
 
 def test_csv_log_written(trained) -> None:
     tmp, _, _ = trained
-    logs = list((tmp / "logs").glob("demo-*.csv"))
-    assert len(logs) == 1
+    logs = list((tmp / "logs").glob("*/demo-*.csv"))
+    assert len(logs) == 1 and logs[0].parent.name.isdigit() and len(logs[0].parent.name) == 8  # logs/<YYYYMMDD>/
     lines = logs[0].read_text().splitlines()
-    assert lines[8].startswith("Step,Loss,Learning Rate") and len(lines) == 9 + 60
+    assert lines[8].startswith("Step,Loss,Learning Rate") and lines[8].endswith(",Raw Loss") and len(lines) == 9 + 60
     assert [int(line.split(",")[0]) for line in lines[9:]] == list(range(1, 61))  # steps counted from 1
 
 
@@ -117,6 +117,8 @@ def test_diffusers_pipeline_loads_the_lora_and_changes_output(trained) -> None:
         ({"lora_data_directory": "/nonexistent/folder"}, "not a folder"),
         ({"network_rank": 0}, "rank"),
         ({"train_optimizer": "nosuchopt"}, "optimizer"),
+        ({"train_lora_precision": "fp16", "train_model_precision": "fp16"}, "fp16 LoRA weights cannot train"),
+        ({"clip_skip": 0}, "clip skip"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(images, tmp_path, change, message) -> None:
@@ -148,3 +150,53 @@ def test_existing_file_not_overwritten_without_setting(images, tmp_path) -> None
     with pytest.raises(TrainTrainError, match="already exists"):
         train(tmp_path, config)
     assert first.path.stat().st_mtime_ns == stamp
+
+
+def test_a_run_sets_vae_precision_and_clip_skip_and_restores_them(images, tmp_path, monkeypatch) -> None:
+    import traintrain.modes.common as common
+    from traintrain.models.bundle import placement
+    from traintrain.precision import precision_dtype
+
+    monkeypatch.setattr(common, "weight_dtype", lambda name, device: precision_dtype(name))  # as on a GPU
+    bundle = build_tiny("sd1")
+    bundle.clip_skip = 2  # the host's own setting (the WebUI's Clip skip)
+    seen = []
+
+    def record(progress) -> None:
+        seen.append((bundle.clip_skip, bundle.vae_dtype, placement(bundle.components.vae)[1]))
+
+    config = dataclasses.replace(demo_config(images, iterations=1), train_VAE_precision="bf16")
+    run_training(RunContext(config, bundle, dirs_in(tmp_path / "a"), progress=record))
+    assert seen == [(2, torch.bfloat16, torch.bfloat16)], "the host's clip skip is kept when the setting is 1"
+    assert (bundle.clip_skip, bundle.vae_dtype, placement(bundle.components.vae)[1]) == (2, torch.float32, torch.float32)
+    seen.clear()
+    config = dataclasses.replace(config, clip_skip=3, save_lora_name="again")
+    run_training(RunContext(config, bundle, dirs_in(tmp_path / "b"), progress=record))
+    assert seen[0][0] == 3 and bundle.clip_skip == 2
+
+
+def test_nan_latents_are_refused_naming_the_vae_precision(images, tmp_path, monkeypatch) -> None:
+    bundle = build_tiny("sd1")
+    monkeypatch.setattr(bundle, "encode_images", lambda pixels: torch.full((len(pixels), 4, 8, 8), float("nan")))
+    with pytest.raises(TrainTrainError, match="train VAE precision"):
+        run_training(RunContext(demo_config(images, iterations=2), bundle, dirs_in(tmp_path)))
+
+
+def test_sdxl_steps_see_each_images_own_size_and_crop(tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (97, 64), (200, 30, 30)).save(folder / "wide.png")  # 64x64 bucket: cropped 16 px from the left
+    bundle = build_tiny("sdxl")
+    seen = []
+    real = bundle.predict
+
+    def spy(noisy, timesteps, cond, sizes=None):
+        seen.append(sizes)
+        return real(noisy, timesteps, cond, sizes)
+
+    monkeypatch.setattr(bundle, "predict", spy)
+    config = dataclasses.replace(demo_config(folder, iterations=1), train_batch_size=1)
+    run_training(RunContext(config, bundle, dirs_in(tmp_path)))
+    assert seen[0].tolist() == [[64.0, 97.0, 0.0, 16.0, 64.0, 64.0]]

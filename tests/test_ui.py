@@ -12,7 +12,7 @@ from traintrain.modes import OutputDirs
 from traintrain.progress import Progress
 from traintrain.ui import TrainTrainUI, build_ui
 from traintrain.ui.handlers import shows_errors
-from traintrain.ui.status import render_status
+from traintrain.ui.status import QUEUE_HEADERS, render_status
 
 WAIT = 120
 
@@ -108,7 +108,7 @@ def test_preset_save_then_load_round_trip_leaves_the_queue_alone(ui, tmp_path, i
     ui.queue.add(demo_config(images, 4))
     config = difference_config(tmp_path)
     config.save_lora_name = "my/preset"  # sanitized to a file name inside presets/
-    update, message = ui.presets.save(*ui.params.show(config))
+    update, message = ui.presets.save(False, *ui.params.show(config))
     assert (tmp_path / "presets" / "my_preset.json").is_file() and message.startswith("Preset saved")
     assert update["value"] == "my_preset" and "my_preset" in update["choices"]
     *values, message = ui.presets.load("my_preset")
@@ -155,7 +155,8 @@ def test_start_trains_and_the_status_shows_the_result(ui, images, tmp_path):
     assert f"Successfully created {tmp_path / 'lora' / 'demo.safetensors'}" in html and "Idle." in html
     figure, message = ui.plot_panel.reload("")  # the run's CSV log
     assert message.startswith("Showing demo-") and len(figure.axes[0].get_lines()[0].get_xdata()) == 4
-    assert ui.queue_panel.rows()[0][:3] == ["demo", "LoRA", "done"]
+    row = ui.queue_panel.rows()[0]
+    assert row[:2] == ["demo", "LoRA"] and row[QUEUE_HEADERS.index("Status")] == "done"
 
 
 def test_add_to_queue_refuses_a_duplicate_and_the_queue_tab_runs_it(ui, images):
@@ -165,7 +166,7 @@ def test_add_to_queue_refuses_a_duplicate_and_the_queue_tab_runs_it(ui, images):
     rows, message = ui.queue_panel.run()
     assert message == "Running the queue (1 job(s))." and rows[0][0] == "demo"
     assert ui.queue.wait_idle(WAIT)
-    assert ui.queue_panel.rows()[0][2] == "done"
+    assert ui.queue_panel.rows()[0][QUEUE_HEADERS.index("Status")] == "done"
     _, message = shows_errors(ui.queue_panel.remove, 1)("demo")
     assert message.startswith("Error: No queued job is named 'demo'")
 
@@ -208,3 +209,15 @@ def test_status_html_has_a_progress_bar(ui):
     assert 'style="width:25.0%"' in html and "step 5/20" in html and "ETA 0:00:09" in html
     assert "2 job(s) queued" in html and 'data-state="running"' in html
     assert isinstance(gr.HTML(render_status(status)), gr.HTML)
+
+
+def test_queue_table_shows_each_jobs_main_settings(ui, tmp_path, images):
+    """Mode, model, rank, steps and lr per row, as the original's queue table; Difference shows both passes."""
+    from traintrain.ui.status import queue_rows
+
+    ui.queue.add(demo_config(images, 4))
+    ui.queue.add(difference_config(tmp_path))
+    assert QUEUE_HEADERS[:6] == ["Name", "Mode", "Model", "Rank", "Steps", "LR"]
+    demo, diff = queue_rows(ui.queue)
+    assert demo[:7] == ["demo", "LoRA", "(default)", "8", "4", "0.005", "paused"]
+    assert diff[:6] == ["diff", "Difference", "(default)", "32 / 4", "1000", "0.0001"]

@@ -315,7 +315,7 @@ def test_the_webui_interrupt_button_stops_the_training(fake, images, tmp_path) -
 
     with provider.open(config) as bundle:
         result = run_training(RunContext(config, bundle, dirs, progress=press_interrupt, stop=stop))
-    assert result.stopped and result.steps < 5000 and result.path.name.startswith("demo-step")
+    assert result.stopped and result.steps < 5000 and result.path.name.startswith("demo_")
     assert state.job == ""
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from traintrain.errors import TrainTrainError
+from traintrain.progress import StopFlag, console_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,28 +24,10 @@ def _dirs(out: str | None):
     return OutputDirs(lora=lora, logs=ROOT / "logs", jsons=ROOT / "jsons")
 
 
-def _tqdm_progress():
-    from tqdm import tqdm
-
-    bar: dict[str, tqdm] = {}
-
-    def update(p) -> None:
-        if p.phase not in bar:
-            bar[p.phase] = tqdm(total=p.total, desc=p.phase or "training", unit="step", dynamic_ncols=True)
-        b = bar[p.phase]
-        b.update(p.step - b.n)
-        b.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}")
-        if p.step >= p.total:
-            b.close()
-
-    return update
-
-
-def _stop_on_ctrl_c(save: bool):
-    """A stop flag the first Ctrl-C sets (the run stops after its step, saving what it has when `save`); a second one
-    aborts."""
-    from traintrain.progress import StopFlag
-
+@contextlib.contextmanager
+def _stop_on_signals(save: bool) -> Iterator[StopFlag]:
+    """A stop flag the first Ctrl-C or SIGTERM sets (the run stops after its step, saving what it has when `save`);
+    a second one aborts. Held while the model loads too, so a signal then also ends with a message."""
     stop = StopFlag()
 
     def handler(_signum, _frame) -> None:
@@ -51,24 +36,35 @@ def _stop_on_ctrl_c(save: bool):
         print("\nStopping after this step (Ctrl-C again to abort)…", file=sys.stderr)
         stop.request(save=save)
 
-    signal.signal(signal.SIGINT, handler)
-    return stop
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def _train(config_path: str, model: str | None, out: str | None) -> int:
     from traintrain.config import TrainConfig
+    from traintrain.config_compat import normalised
     from traintrain.models.open import open_model
     from traintrain.modes import RunContext, run_training
+    from traintrain.preflight import check_before_model
 
-    config = TrainConfig.load_json(Path(config_path))
+    config, notes = normalised(TrainConfig.load_json(Path(config_path)))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if model:
         config.model = model
-    config.validate()
-    bundle = open_model(
-        config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
-    )
-    stop = _stop_on_ctrl_c(config.save_on_stop)
-    result = run_training(RunContext(config, bundle, _dirs(out), progress=_tqdm_progress(), stop=stop))
+    check_before_model(config, model_files=True)
+    with _stop_on_signals(config.save_on_stop) as stop:
+        bundle = open_model(
+            config.model, vae=config.vae, v_pred=config.model_v_pred, precision=config.train_model_precision
+        )
+        if stop.requested:
+            print("Stopped while loading the model: nothing was trained.", file=sys.stderr)
+            return 130
+        result = run_training(RunContext(config, bundle, _dirs(out), progress=console_progress(), stop=stop))
     print(result.message)
     print(f"first loss {result.first_loss:.5f}, last loss {result.last_loss:.5f}, steps {result.steps}")
     return 0
@@ -82,7 +78,7 @@ def _demo(out: str | None, iterations: int) -> int:
     with tempfile.TemporaryDirectory(prefix="traintrain-demo-") as tmp:
         config = demo_config(write_sample_images(Path(tmp) / "images"), iterations)
         bundle = open_model("tiny", precision=config.train_model_precision)
-        result = run_training(RunContext(config, bundle, _dirs(out), progress=_tqdm_progress()))
+        result = run_training(RunContext(config, bundle, _dirs(out), progress=console_progress()))
     print(f"first loss {result.first_loss:.5f}, last loss {result.last_loss:.5f} ({result.steps} steps)")
     print(f"saved {result.path}")
     return 0
@@ -111,15 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     add_bench_arguments(sub.add_parser("bench", help="time the real LoRA / iLECO step against a bare reference step"))
     ui = sub.add_parser("ui", help="serve the TrainTrain UI in a browser (standalone gradio)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ui.add_argument("--auth", help="user:password to log in with (required with a --host other than this machine)")
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--model", default="tiny", help="what an empty Model box trains: checkpoint, diffusers folder or tiny")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "ui":
-            from traintrain.ui.standalone import launch
+            from traintrain.ui.standalone import launch, parse_auth
 
-            launch(args.host, args.port, args.model)
+            launch(args.host, args.port, args.model, auth=parse_auth(args.auth) if args.auth else None)
             return 0
         if args.command == "bench":
             return _bench(args)
@@ -129,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainTrainError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("Aborted: nothing more was saved.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

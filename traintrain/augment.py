@@ -5,13 +5,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image
 
 from traintrain.errors import TrainTrainError
-from traintrain.files import atomic_path, inside
+from traintrain.files import atomic_path, inside, is_dir
 
 SIDES = ("none", "right", "left", "top", "bottom")
+MAX_VARIANTS = 1000  # per image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _RESAMPLING = getattr(Image, "Resampling", Image)  # Pillow >= 9.1 has Image.Resampling; older names were removed in 10
 
@@ -30,8 +32,8 @@ class AugmentSettings:
 
     def validate(self) -> None:
         """Raise a TrainTrainError naming the setting to change."""
-        if self.count < 0:
-            raise TrainTrainError("'number of images' must be 0 or more.")
+        if not 0 <= self.count <= MAX_VARIANTS:
+            raise TrainTrainError(f"'number of images' must be from 0 to {MAX_VARIANTS}.")
         if not 0 <= self.max_angle <= 180:
             raise TrainTrainError("'max tilting angle' must be between 0 and 180 degrees.")
         if not 0 < self.min_scale <= 1:
@@ -42,10 +44,19 @@ class AugmentSettings:
 
 def variants(image: Image.Image, settings: AugmentSettings) -> list[Image.Image]:
     """`settings.count` RGBA images of the original size; the same seed gives the same images."""
+    return list(iter_variants(image, settings))
+
+
+def iter_variants(image: Image.Image, settings: AugmentSettings) -> Iterator[Image.Image]:
+    """The variants one at a time (only one is held in memory); the settings are checked before the first."""
     settings.validate()
+    return _each_variant(image.convert("RGBA"), settings)
+
+
+def _each_variant(source: Image.Image, settings: AugmentSettings) -> Iterator[Image.Image]:
     rng = random.Random(settings.seed)
-    source = image.convert("RGBA")
-    return [_variant(source, settings, rng) for _ in range(settings.count)]
+    for _ in range(settings.count):
+        yield _variant(source, settings, rng)
 
 
 def _variant(source: Image.Image, settings: AugmentSettings, rng: random.Random) -> Image.Image:
@@ -78,7 +89,7 @@ def save_variants(image: Image.Image, stem: str, out_dir: Path, settings: Augmen
     if not stem.strip():
         raise TrainTrainError("Give an output name for the images.")
     paths = []
-    for i, variant in enumerate(variants(image, settings)):
+    for i, variant in enumerate(iter_variants(image, settings)):
         path = inside(Path(out_dir), f"{stem.strip()}_id_{i}.png")
         with atomic_path(path) as tmp:
             variant.save(tmp, format="PNG")
@@ -99,7 +110,7 @@ def augment_file(path: Path, out_dir: Path, settings: AugmentSettings) -> list[P
 def augment_folder(folder: Path, settings: AugmentSettings) -> list[Path]:
     """Variants of every image in `folder` (not recursive), written to `<folder>/modified/`."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not is_dir(folder):
         raise TrainTrainError(f"{folder} is not a folder: give the folder that holds the images.")
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:

@@ -48,12 +48,24 @@ from traintrain.config_fields import (
     sanitize_name,
 )
 from traintrain.errors import TrainTrainError
-from traintrain.files import atomic_write_text
+from traintrain.files import atomic_write_text, is_dir, is_file, read_json
 
 log = logging.getLogger(__name__)
 
 ALL = ("L", "I", "D", "P2", "A", "M")  # every mode and the Difference 2nd-pass panel
 EVERY_MODE = ("L", "I", "D", "A", "M")  # every mode; pass 2 takes the 1st pass's value
+
+# Upper bounds of the numeric settings: far above any useful value, low enough that nothing hangs or overflows.
+MAX_RANK = 1024  # rank and alpha, conv included (the dropdowns' largest choice)
+MAX_IMAGE_SIDE = 4096  # image size sides, min length and bucket step
+MAX_STEPS = 1_000_000  # iterations, warmup, cycles and save-every
+MAX_BATCH = 256
+MAX_REPEATS = 1000  # image num multiply
+MAX_SUB_IMAGES = 100
+MAX_RATIO = 16.0  # image max ratio
+MAX_LEARNING_RATE = 10.0
+MAX_STRENGTH = 100.0  # |network strength|
+MAX_FACTOR = 1000.0  # scheduler power, SNR gamma, |diff alt ratio|
 
 
 def setting(default: Any, widget: str, shown_in: tuple[str, ...], *, section: str, column: int = 0, **spec: Any) -> Any:
@@ -142,7 +154,10 @@ class TrainConfig:
     diff_alt_ratio: float = _opt2(1.0, TEXTBOX, ("A", "M"), help="Below 0: pure-noise odd steps.")
     diff_revert_original_target: bool = _opt2(False, CHECKBOX, ("A", "M"))
     diff_use_diff_mask: bool = _opt2(False, CHECKBOX, ("A", "M"))
-    train_model_precision: str = _opt3("fp16", DROPDOWN, EVERY_MODE, choices=MODEL_PRECISIONS)
+    train_model_precision: str = _opt3(
+        "fp16", DROPDOWN, EVERY_MODE, choices=MODEL_PRECISIONS,
+        help="int8: int8 UNet weights (torchao; standalone UI / CLI), computed in fp16.",
+    )  # fmt: skip
     train_lora_precision: str = _opt3("fp32", DROPDOWN, ALL, choices=LORA_PRECISIONS)
     save_precision: str = _opt3("fp16", DROPDOWN, ALL, choices=SAVE_PRECISIONS)
     train_VAE_precision: str = _opt3("fp32", DROPDOWN, EVERY_MODE, choices=VAE_PRECISIONS)
@@ -154,7 +169,11 @@ class TrainConfig:
     save_overwrite: bool = _opt3(False, CHECKBOX, EVERY_MODE)
     save_as_json: bool = _opt3(False, CHECKBOX, EVERY_MODE)
     model_v_pred: bool = _opt3(False, CHECKBOX, EVERY_MODE, help="v-prediction model (SD2 768-v, v-pred SDXL).")
-    save_on_stop: bool = _opt3(True, CHECKBOX, EVERY_MODE, help="When a training is interrupted (WebUI Interrupt, Ctrl-C, shutdown), save the LoRA so far as <name>-step<k>.")
+    save_on_stop: bool = _opt3(True, CHECKBOX, EVERY_MODE, help="When a training is interrupted (WebUI Interrupt, Ctrl-C, shutdown), save the LoRA so far as <name>_<k>steps (the copy machine: <name>_copy_<k>steps).")
+    clip_skip: int = _opt3(
+        1, TEXTBOX, EVERY_MODE, help="SD1: condition on the N-th text-encoder layer from the last (anime models: 2). "
+        "1: the last layer, or in the WebUI its own Clip skip setting."
+    )
     use_2nd_pass_settings: bool = setting(
         False, CHECKBOX, (SECOND_PASS_CODE,), section="second pass", help="Stored on the 1st-pass config."
     )
@@ -202,14 +221,16 @@ class TrainConfig:
             self._seed = secrets.randbelow(2**32)
         return self._seed
 
-    def problems(self) -> list[str]:
-        """Every problem of these settings (2nd pass included), one sentence each; empty when all is well."""
+    def problems(self, unreadable: frozenset[str] = frozenset()) -> list[str]:
+        """Every problem of these settings (2nd pass included), one sentence each; empty when all is well.
+
+        `unreadable`: fields whose value could not be read (they hold defaults): the checks reading them are skipped."""
         typed = {spec.name: spec.type_problem(getattr(self, spec.name)) for spec in FIELDS}
         found = [problem for problem in typed.values() if problem]
-        bad = {name for name, problem in typed.items() if problem}
+        bad = {name for name, problem in typed.items() if problem} | unreadable
         found += [problem for names, check in _RULES if bad.isdisjoint(names) and (problem := check(self))]
         if self.second_pass is not None:
-            found += [f"2nd pass: {p}" for p in self.second_pass.problems() if p not in found]
+            found += [f"2nd pass: {p}" for p in self.second_pass.problems(unreadable) if p not in found]
         return found
 
     def validate(self) -> None:
@@ -261,13 +282,7 @@ class TrainConfig:
     @classmethod
     def load_json(cls, path: Path) -> TrainConfig:
         """Read a settings JSON (a preset, a saved run or a CLI config)."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-        except OSError as error:
-            raise TrainTrainError(f"Cannot read the settings file {path}: {error.strerror or error}.") from error
-        except ValueError as error:
-            raise TrainTrainError(f"{path} is not valid JSON ({error}): fix it or save the settings again.") from error
-        return cls.from_json_dict(data)
+        return cls.from_json_dict(read_json(Path(path), "settings file"))
 
     def save_json(self, path: Path) -> Path:
         """Write the settings JSON atomically."""
@@ -309,14 +324,6 @@ def _read_values(
     return values
 
 
-def _is_dir(path: str) -> bool:
-    return bool(path.strip()) and Path(path).is_dir()
-
-
-def _is_file(path: str) -> bool:
-    return bool(path.strip()) and Path(path).is_file()
-
-
 def _step_rules_problem(c: TrainConfig) -> str:
     if not c.train_lr_step_rules.strip():
         needed = c.train_lr_scheduler == "piecewise_constant"
@@ -349,14 +356,34 @@ def _choice_rule(spec: FieldSpec) -> Rule:
                  f"'{spec.label}' must be one of {choices}, not {{c.{spec.name}!r}}.")  # fmt: skip
 
 
-def _bound(name: str, low: float | None, *, above: bool = False, note: str = "") -> Rule:
-    """`name` must be finite and at least `low` (above it when `above`); `low` None: finite only."""
-    def ok(c: TrainConfig) -> bool:
-        value = getattr(c, name)
-        return math.isfinite(value) and (low is None or value > low or (value == low and not above))
+def _bound(name: str, low: float | None, high: float, *, above: bool = False, note: str = "") -> Rule:
+    """`name` must be finite, at most `high` and at least `low` (above it when `above`); `low` None: no lower bound.
 
-    need = "a finite number" if low is None else f"{'above' if above else 'at least'} {low}{note}"
-    return _rule(name, ok, f"'{FIELD_BY_NAME[name].label}' must be {need}, not {{c.{name}}}.")
+    Compares without converting to float, so a 400-digit integer is a message, not an OverflowError."""
+
+    def problem(c: TrainConfig) -> str:
+        value = getattr(c, name)
+        label = FIELD_BY_NAME[name].label
+        if not _finite(value):
+            return f"'{label}' must be a finite number, not {value}."
+        if low is not None and (value < low or (above and value == low)):
+            return f"'{label}' must be {'above' if above else 'at least'} {low}{note}, not {_shown(value)}."
+        if value > high:
+            return f"'{label}' must be at most {high:g}, not {_shown(value)}."
+        return ""
+
+    return (name,), problem
+
+
+def _finite(value: float) -> bool:
+    """Not NaN or infinite (integers always are, however large)."""
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _shown(value: float) -> str:
+    """A number for a message: huge integers shortened to their magnitude."""
+    text = str(value)
+    return text if len(text) <= 20 else f"{text[:6]}… ({len(text)} digits)"
 
 
 def _needs(modes: tuple[str, ...], name: str, ok: Callable[[Any], bool], message: str) -> Rule:
@@ -365,56 +392,62 @@ def _needs(modes: tuple[str, ...], name: str, ok: Callable[[Any], bool], message
 
 _RULES: tuple[Rule, ...] = (
     *(_choice_rule(spec) for spec in _CHOICE_FIELDS),
-    _bound("network_rank", 1),
-    _bound("network_alpha", 0, above=True),
-    _bound("network_conv_rank", 0, note=" (0 = network rank)"),
-    _bound("network_conv_alpha", 0, note=" (0 = network alpha)"),
-    _bound("network_strength", None),
+    _bound("network_rank", 1, MAX_RANK),
+    _bound("network_alpha", 0, MAX_RANK, above=True),
+    _bound("network_conv_rank", 0, MAX_RANK, note=" (0 = network rank)"),
+    _bound("network_conv_alpha", 0, MAX_RANK, note=" (0 = network alpha)"),
+    _bound("network_strength", -MAX_STRENGTH, MAX_STRENGTH),
     _rule("network_type network_element", lambda c: c.network_type != "loha" or c.network_element == "Full",
           "'network element' {c.network_element} is not available with loha: choose Full, or lierla / c3lier."),
     _rule("network_blocks", lambda c: bool(c.network_blocks), "'network blocks' is empty: tick at least one."),
     _rule("network_blocks", lambda c: set(c.network_blocks) <= set(BLOCKS_SD),
           "'network blocks' may hold only BASE, IN00-IN11, M00 and OUT00-OUT11, not {c.network_blocks}."),
-    _rule("image_size", lambda c: all(side >= 64 and side % 8 == 0 for side in c.image_size),
-          "'image size(height, width)' sides must be multiples of 8, at least 64, not {c.image_size}."),
-    _bound("train_iterations", 1),
-    _bound("train_batch_size", 1),
+    _rule("image_size", lambda c: all(64 <= side <= MAX_IMAGE_SIDE and side % 8 == 0 for side in c.image_size),
+          f"'image size(height, width)' sides must be multiples of 8 from 64 to {MAX_IMAGE_SIDE}, "
+          "not {c.image_size}."),
+    _bound("train_iterations", 1, MAX_STEPS),
+    _bound("train_batch_size", 1, MAX_BATCH),
     _rule("train_learning_rate train_optimizer train_optimizer_settings",
           lambda c: own_learning_rate(c.train_optimizer, c.train_optimizer_settings)
-          or (math.isfinite(c.train_learning_rate) and c.train_learning_rate > 0),
-          "'train learning rate' must be above 0 (about 1.0 for Prodigy and D-Adaptation), "
-          "not {c.train_learning_rate}."),
-    _bound("train_textencoder_learning_rate", 0, note=" (0 = train learning rate)"),
+          or (_finite(c.train_learning_rate) and 0 < c.train_learning_rate <= MAX_LEARNING_RATE),
+          f"'train learning rate' must be above 0 and at most {MAX_LEARNING_RATE} "
+          "(about 1.0 for Prodigy and D-Adaptation), not {c.train_learning_rate}."),
+    _bound("train_textencoder_learning_rate", 0, MAX_LEARNING_RATE, note=" (0 = train learning rate)"),
     (("train_lr_step_rules", "train_lr_scheduler"), _step_rules_problem),
-    _bound("train_lr_warmup_steps", 0),
-    _bound("train_lr_scheduler_num_cycles", 1),
-    _bound("train_lr_scheduler_power", 0, above=True),
-    _rule("image_buckets_step", lambda c: c.image_buckets_step >= 8 and c.image_buckets_step % 8 == 0,
+    _bound("train_lr_warmup_steps", 0, MAX_STEPS),
+    _bound("train_lr_scheduler_num_cycles", 1, MAX_STEPS),
+    _bound("train_lr_scheduler_power", 0, MAX_FACTOR, above=True),
+    _rule("image_buckets_step", lambda c: 8 <= c.image_buckets_step <= MAX_IMAGE_SIDE and c.image_buckets_step % 8 == 0,
           "'image buckets step' must be a multiple of 8 such as 64 … 576, not {c.image_buckets_step}."),
-    _rule("image_min_length", lambda c: c.image_min_length >= 64 and c.image_min_length % 8 == 0,
-          "'image min length' must be a multiple of 8, at least 64, not {c.image_min_length}."),
-    _bound("image_num_multiply", 1),
-    _bound("image_max_ratio", 1),
-    _bound("sub_image_num", 0),
-    _rule("train_seed", lambda c: c.train_seed < 2**32,
+    _rule("image_min_length", lambda c: 64 <= c.image_min_length <= MAX_IMAGE_SIDE and c.image_min_length % 8 == 0,
+          f"'image min length' must be a multiple of 8 from 64 to {MAX_IMAGE_SIDE}, not {{c.image_min_length}}."),
+    _bound("image_num_multiply", 1, MAX_REPEATS),
+    _bound("image_max_ratio", 1, MAX_RATIO),
+    _bound("sub_image_num", 0, MAX_SUB_IMAGES),
+    _rule("train_seed", lambda c: -1 <= c.train_seed < 2**32,
           "'train seed' must be -1 (random) or below 4294967296, not {c.train_seed}."),
     _rule("train_min_timesteps train_max_timesteps",
           lambda c: 0 <= c.train_min_timesteps < c.train_max_timesteps <= 1000,
           "'train min timesteps' and 'train max timesteps' need 0 <= min < max <= 1000, "
           "not {c.train_min_timesteps} and {c.train_max_timesteps}."),
-    _bound("train_snr_gamma", 0, note=" (0 = off)"),
-    _bound("save_per_steps", 0, note=" (0 = only at the end)"),
-    _bound("diff_alt_ratio", None),
-    _rule("network_resume", lambda c: not c.network_resume.strip() or _is_file(c.network_resume),
+    _bound("train_snr_gamma", 0, MAX_FACTOR, note=" (0 = off)"),
+    _bound("save_per_steps", 0, MAX_STEPS, note=" (0 = only at the end)"),
+    _bound("diff_alt_ratio", -MAX_FACTOR, MAX_FACTOR),
+    _bound("clip_skip", 1, 12, note=" (1 = the last layer)"),
+    _rule("train_lora_precision train_model_precision",
+          lambda c: c.train_lora_precision != "fp16" or c.train_model_precision not in ("fp16", "model"),
+          "fp16 LoRA weights cannot train under fp16 model precision (the fp16 gradient scaler needs fp32 weights): "
+          "set 'train lora precision' to fp32 or bf16, or 'train model precision' to bf16."),
+    _rule("network_resume", lambda c: not c.network_resume.strip() or is_file(c.network_resume),
           "'network resume' {c.network_resume!r} is not a file: give the full path of a LoRA or leave it empty."),
     (("save_lora_name",), _name_problem),
-    _needs(("LoRA", "Multi-ADDifT"), "lora_data_directory", _is_dir,
+    _needs(("LoRA", "Multi-ADDifT"), "lora_data_directory", is_dir,
            "'lora data directory' {c.lora_data_directory!r} is not a folder: {c.mode} trains on the images in it."),
     _needs(("Multi-ADDifT",), "diff_target_name", str.strip,
            "Multi-ADDifT needs a 'diff target name': the suffix of the target images, e.g. _closed_eyes."),
     _needs(("iLECO",), "original_prompt", str.strip, "iLECO needs an Original Prompt: the concept to change."),
-    _needs(("Difference", "ADDifT"), "original_image", _is_file,
+    _needs(("Difference", "ADDifT"), "original_image", is_file,
            "{c.mode} needs an Original Image: {c.original_image!r} is not an image file."),
-    _needs(("Difference", "ADDifT"), "target_image", _is_file,
+    _needs(("Difference", "ADDifT"), "target_image", is_file,
            "{c.mode} needs a Target Image: {c.target_image!r} is not an image file."),
 )  # fmt: skip

@@ -46,7 +46,7 @@ LR_SCHEDULERS = (
     "multi_step", "reduce_on_plateau", "cyclic", "one_cycle",
 )  # fmt: skip
 LOSS_FUNCTIONS = ("MSE", "L1", "Smooth-L1")
-MODEL_PRECISIONS = ("model", "fp32", "bf16", "fp16")  # the original's int8 (torchao) is not offered
+MODEL_PRECISIONS = ("model", "fp32", "bf16", "fp16", "int8")  # int8: torchao weight-only UNet (models/int8.py)
 LORA_PRECISIONS = ("fp32", "bf16", "fp16")
 SAVE_PRECISIONS = ("model", "fp32", "bf16", "fp16")
 VAE_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -181,18 +181,26 @@ def _parse_int(raw: Any) -> int:
             return int(float(text))
     if isinstance(raw, int) and not isinstance(raw, bool):
         return raw
-    raise ValueError(f"expected a whole number, got {raw!r}")
+    raise ValueError(f"expected a whole number, got {_short(raw)}")
 
 
 def _parse_float(raw: Any) -> float:
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return float(raw)
-    if isinstance(raw, str):
-        try:
+    try:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
             return float(raw.strip())
-        except ValueError:
-            pass
-    raise ValueError(f"expected a number, got {raw!r}")
+    except OverflowError:
+        raise ValueError(f"{_short(raw)} is too large a number") from None
+    except ValueError:
+        pass
+    raise ValueError(f"expected a number, got {_short(raw)}")
+
+
+def _short(raw: Any) -> str:
+    """`repr(raw)`, cut to 60 characters: a message never repeats a huge input."""
+    text = repr(raw)
+    return text if len(text) <= 60 else f"{text[:40]}… ({len(text)} characters)"
 
 
 def _parse_bool(raw: Any) -> bool:
@@ -202,19 +210,19 @@ def _parse_bool(raw: Any) -> bool:
         return bool(raw)
     if isinstance(raw, str) and raw.strip().lower() in ("", "true", "false"):
         return raw.strip().lower() == "true"
-    raise ValueError(f"expected true or false, got {raw!r}")
+    raise ValueError(f"expected true or false, got {_short(raw)}")
 
 
 def _parse_str(raw: Any) -> str:
     if isinstance(raw, str):
         return raw
-    raise ValueError(f"expected text, got {raw!r}")
+    raise ValueError(f"expected text, got {_short(raw)}")
 
 
 def _parse_blocks(raw: Any) -> list[str]:
     items = raw.split(",") if isinstance(raw, str) else raw
     if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
-        raise ValueError(f"expected a list of block names, got {raw!r}")
+        raise ValueError(f"expected a list of block names, got {_short(raw)}")
     names = list(dict.fromkeys(item.strip() for item in items if item.strip()))
     return sorted(names, key=lambda n: (BLOCKS_SD.index(n) if n in BLOCKS_SD else len(BLOCKS_SD), n))
 
@@ -222,7 +230,7 @@ def _parse_blocks(raw: Any) -> list[str]:
 def _parse_size(raw: Any) -> tuple[int, int]:
     items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) else [raw]
     if len(items) not in (1, 2):
-        raise ValueError(f"expected N or height,width, got {raw!r}")
+        raise ValueError(f"expected N or height,width, got {_short(raw)}")
     sides = [_parse_int(item) for item in items]
     if len(sides) == 1:
         sides *= 2
@@ -238,7 +246,7 @@ def _parse_settings(raw: Any) -> dict[str, Any]:
         return parse_settings_text(raw)
     if isinstance(raw, dict) and all(map(_is_key, raw)):
         return dict(raw)
-    raise ValueError(f"expected key=value text, got {raw!r}")
+    raise ValueError(f"expected key=value text, got {_short(raw)}")
 
 
 def _is_int(value: Any) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +18,12 @@ from PIL import Image
 
 from traintrain.config import TrainConfig
 from traintrain.errors import TrainTrainError
-from traintrain.files import atomic_write_text
+from traintrain.files import atomic_write_text, read_json, remove_stale_temp_files
 from traintrain.models.bundle import ModelBundle
 from traintrain.modes import OutputDirs, RunContext, run_training
+from traintrain.preflight import check_before_model
 from traintrain.previews import PREVIEW_BUSY, PreviewRequest
-from traintrain.progress import Progress, ProgressCallback, StopFlag
+from traintrain.progress import Progress, ProgressCallback, StopFlag, console_progress
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,9 @@ HISTORY = 50  # finished jobs kept in status().results
 
 
 class ModelProvider(Protocol):
-    """Opens the model a job trains on; the WebUI's adapter also takes the WebUI's generation lock inside `open`."""
+    """Opens the model a job trains on; the WebUI's adapter also takes the WebUI's generation lock inside `open`.
+
+    A provider whose Model and VAE settings are paths sets `model_files = True`: they are checked before queueing."""
 
     def open(self, config: TrainConfig) -> ContextManager[ModelBundle]:
         """The model for `config`, ready until the context ends."""
@@ -43,6 +48,8 @@ class ModelProvider(Protocol):
 
 class OpenModelProvider:
     """Standalone provider: `open_model` on the config's model (or `default_model`), reused while the choice stays."""
+
+    model_files = True  # the Model and VAE boxes hold paths, checked before a job is queued
 
     def __init__(self, default_model: str = "tiny") -> None:
         self.default_model = default_model
@@ -84,12 +91,33 @@ class OpenModelProvider:
 
 @dataclass(frozen=True)
 class JobEntry:
-    """A row of the queue: the job's save name, mode and state (queued, running, done, stopped, failed)."""
+    """A row of the queue: the job's save name, mode, state (queued, running, done, stopped, failed) and main
+    settings (model, rank, steps, learning rate; "1st / 2nd" pass values where Difference's 2nd pass differs)."""
 
     name: str
     mode: str
     state: str
     message: str = ""
+    model: str = ""
+    rank: str = ""
+    steps: str = ""
+    lr: str = ""
+
+    @classmethod
+    def of(cls, config: TrainConfig, state: str, message: str = "") -> JobEntry:
+        """The row of `config` in `state`."""
+        second = config.second_pass if config.use_2nd_pass_settings else None
+
+        def both(name: str) -> str:
+            first = f"{getattr(config, name):g}"
+            other = f"{getattr(second, name):g}" if second is not None else first
+            return first if other == first else f"{first} / {other}"
+
+        return cls(
+            config.effective_name, config.mode, state, message,
+            model=config.model or "(default)", rank=both("network_rank"),
+            steps=both("train_iterations"), lr=both("train_learning_rate"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -113,8 +141,10 @@ class QueueStatus:
 class JobQueue:
     """FIFO jobs run by one worker thread; the queue is saved to `queue_file` and comes back paused after a restart."""
 
-    def __init__(self, provider: ModelProvider, dirs: OutputDirs, queue_file: Path) -> None:
+    def __init__(self, provider: ModelProvider, dirs: OutputDirs, queue_file: Path, *, console: bool = True) -> None:
+        """`console`: also draw each job's progress as a tqdm line on the console (what WebUI users watch)."""
         self.provider = provider
+        self.console = console
         self.dirs = dirs
         self.queue_file = Path(queue_file)
         self._lock = threading.Condition()
@@ -162,19 +192,18 @@ class JobQueue:
             self._changed()
             return f"Running the queue ({len(self._pending)} job(s))."
 
-    def stop(self, save: bool | None = None, continue_queue: bool = False) -> str:
-        """Stop the running job after its current step; the queue pauses unless `continue_queue`.
-
-        `save` None follows the job's 'save on stop'."""
+    def stop(self, save: bool | None = None, pause_queue: bool = False) -> str:
+        """Stop the running job after its current step; the queued jobs go on (as in the original) unless
+        `pause_queue`. `save` None follows the job's 'save on stop'."""
         with self._lock:
             if self._current is None:
                 return "Nothing is training."
-            self._paused = not continue_queue
+            self._paused = pause_queue
             self._changed()
             save = self._current.save_on_stop if save is None else save
             self._stop.request(save=save)
             name, waiting = self._current.effective_name, len(self._pending)
-        after = f" {waiting} queued job(s) " + ("run next." if continue_queue else "wait for Run queue.") if waiting else ""
+        after = f" {waiting} queued job(s) " + ("wait for Run queue." if pause_queue else "run next.") if waiting else ""
         return f"Stopping {name!r}" + (" and saving what it has learned." if save else " without saving.") + after
 
     def remove(self, name: str) -> str:
@@ -195,9 +224,9 @@ class JobQueue:
     def entries(self) -> list[JobEntry]:
         """The running job, then the queued ones in the order they will run."""
         with self._lock:
-            rows = [JobEntry(self._current.effective_name, self._current.mode, "running")] if self._current else []
+            rows = [JobEntry.of(self._current, "running")] if self._current else []
             state = "paused" if self._paused else "queued"
-            return rows + [JobEntry(c.effective_name, c.mode, state) for c in self._pending]
+            return rows + [JobEntry.of(c, state) for c in self._pending]
 
     def status(self) -> QueueStatus:
         """A consistent snapshot for the status line."""
@@ -247,7 +276,7 @@ class JobQueue:
     # ----- internals (called with the lock held unless said otherwise)
 
     def _admit(self, config: TrainConfig) -> str:
-        config.validate()
+        check_before_model(config, model_files=getattr(self.provider, "model_files", False))
         name = config.effective_name
         busy = [c.effective_name for c in self._pending] + ([self._current.effective_name] if self._current else [])
         if name in busy:
@@ -270,17 +299,33 @@ class JobQueue:
             self._message = f"The queue is not saved: {error}"
 
     def _load(self) -> None:
+        """Read the saved queue; a file that cannot be read is renamed aside (kept for the user) and the queue starts
+        empty, so a broken queue file never stops the UI from starting."""
+        remove_stale_temp_files(self.queue_file.parent)
         if not self.queue_file.exists():
             return
         try:
-            jobs = json.loads(self.queue_file.read_text(encoding="utf-8"))["jobs"]
-            self._pending.extend(TrainConfig.from_json_dict(job) for job in jobs)
-        except (OSError, ValueError, KeyError, TypeError, TrainTrainError) as error:
-            log.warning("Could not read the saved queue %s: %s", self.queue_file, error)
-            self._message = f"Could not read the saved queue {self.queue_file} ({error}); it starts empty."
+            data = read_json(self.queue_file, "saved queue")
+            jobs = data.get("jobs") if isinstance(data, dict) else None
+            if not isinstance(jobs, list):
+                raise TrainTrainError(f"The saved queue {self.queue_file} holds no list of jobs.")
+            configs = [TrainConfig.from_json_dict(job) for job in jobs]
+        except TrainTrainError as error:
+            self._message = f"Could not read the saved queue ({error}); the queue starts empty. {self._keep_aside()}"
+            log.warning("%s", self._message)
             return
+        self._pending.extend(configs)
         if self._pending:
             self._message = f"{len(self._pending)} job(s) from the last session wait in the queue: press Run queue."
+
+    def _keep_aside(self) -> str:
+        """Rename the unreadable queue file to `<name>.bad-<time>` and say where it went."""
+        aside = self.queue_file.with_name(f"{self.queue_file.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            os.replace(self.queue_file, aside)
+        except OSError as error:
+            return f"It could not be renamed aside ({error.strerror or error})."
+        return f"The file is kept as {aside}."
 
     def _work(self) -> None:
         """The worker thread: waits (holding nothing) until a job may run, runs it, records the outcome."""
@@ -291,7 +336,7 @@ class JobQueue:
                     return
                 config = self._current = self._pending.popleft()
                 self._progress = None
-                self._message = f"Preparing {config.effective_name!r}…"
+                self._message = ""  # the status line says "loading the model…" until the first step
                 self._stop.clear()
                 self._changed()
             entry = self._run(config)
@@ -305,18 +350,19 @@ class JobQueue:
 
     def _run(self, config: TrainConfig) -> JobEntry:
         """Run one job outside the lock; every failure becomes a recorded message."""
-        name, mode = config.effective_name, config.mode
+        name = config.effective_name
         try:
             with self.provider.open(config) as bundle:
                 if self._stop.requested:
-                    return JobEntry(name, mode, "stopped", f"{name}: stopped before training began.")
-                result = run_training(RunContext(config, bundle, self.dirs, progress=self._publish, stop=self._stop))
+                    return JobEntry.of(config, "stopped", f"{name}: stopped before training began.")
+                progress = _both(self._publish, console_progress()) if self.console else self._publish
+                result = run_training(RunContext(config, bundle, self.dirs, progress=progress, stop=self._stop))
         except TrainTrainError as error:
-            return JobEntry(name, mode, "failed", f"{name}: {error}")
+            return JobEntry.of(config, "failed", f"{name}: {error}")
         except Exception as error:  # noqa: BLE001 - any failure ends this job only; the worker goes on
             log.exception("Training %r failed", name)
-            return JobEntry(name, mode, "failed", f"{name}: {_describe_failure(error)}")
-        return JobEntry(name, mode, "stopped" if result.stopped else "done", result.message)
+            return JobEntry.of(config, "failed", f"{name}: {_describe_failure(error)}")
+        return JobEntry.of(config, "stopped" if result.stopped else "done", result.message)
 
     def _publish(self, progress: Progress) -> None:
         with self._lock:
@@ -327,6 +373,16 @@ class JobQueue:
                 callback(progress)
             except Exception:  # noqa: BLE001 - a broken listener must not end the training
                 log.exception("A progress listener failed")
+
+
+def _both(first: ProgressCallback, second: ProgressCallback) -> ProgressCallback:
+    """One callback calling two."""
+
+    def call(progress: Progress) -> None:
+        first(progress)
+        second(progress)
+
+    return call
 
 
 def _describe_failure(error: Exception) -> str:

@@ -7,6 +7,7 @@ import inspect
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -375,3 +376,46 @@ def _decay(
         rules, last = parse_step_rules(rules_text)
         return lambda step: next((multiplier for multiplier, until in rules if step < until), last)
     return lambda step: 1.0  # constant, constant_with_warmup
+
+
+# What a constructor or a first scheduler step raises for values of the wrong type or range ("betas=(2, 3, 4)").
+_REFUSALS = (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError, OverflowError, ZeroDivisionError)
+TRIAL_STEPS = 3
+
+
+def trial_problem(
+    name: str, settings: dict[str, Any], lr: float, scheduler: str, scheduler_settings: dict[str, Any], **schedule: Any
+) -> str:
+    """Build the optimizer and scheduler on one CPU parameter and step them a few times, before any model loads: the
+    sentence saying what a setting's value gets wrong, or "". `schedule` takes `build_scheduler`'s keywords."""
+    try:
+        if _recipe(name)[1].kind == "bnb":  # needs its GPU kernels: its keys are checked, its values at the start
+            check_optimizer(name, settings)
+            check_scheduler(scheduler, scheduler_settings, schedule.get("step_rules", ""))
+            return ""
+        weight = torch.nn.Parameter(torch.zeros(2))
+        optimizer = build_optimizer(name, [{"params": [weight]}], lr, settings)
+        built = build_scheduler(scheduler, optimizer, settings=scheduler_settings, **schedule)
+        _step_a_few_times(optimizer, built, weight)
+    except TrainTrainError as error:
+        return str(error)
+    except _REFUSALS as error:
+        return (
+            f"{name} with {scheduler} refused the settings ({type(error).__name__}: {error}): check 'train optimizer "
+            "settings' and 'train lr scheduler settings'."
+        )
+    return ""
+
+
+def _step_a_few_times(optimizer: Optimizer, scheduler: Scheduler | None, weight: torch.nn.Parameter) -> None:
+    if is_schedule_free(optimizer):
+        optimizer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "scheduler.step() before optimizer.step()": harmless here
+        for _ in range(TRIAL_STEPS):
+            weight.grad = torch.ones_like(weight)
+            optimizer.step()
+            if needs_metric(scheduler):
+                scheduler.step(1.0)
+            elif scheduler is not None:
+                scheduler.step()

@@ -1,4 +1,5 @@
-"""CSV training log (the `traintrain.csvlog` format) → matplotlib figure: loss and learning rates against steps."""
+"""CSV training log (the `traintrain.csvlog` format, or the original's) → matplotlib figure: the smoothed loss (and the
+raw loss where logged) and the learning rates against steps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from traintrain.csvlog import RAW_LOSS
 from traintrain.errors import TrainTrainError
 from traintrain.files import plain_name
 
@@ -56,12 +58,16 @@ def read_log(path: Path) -> TrainingLog:
 
 
 def plot_log(log: TrainingLog) -> Figure:
-    """Loss (left axis, red) and every learning-rate column (right axis) against the step; title, legend, grid."""
+    """Loss EMA (left axis, red; the raw loss faint behind it) and every learning-rate column (right axis) against the
+    step; title, legend, grid."""
     figure = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(figure)
     loss_axis = figure.add_subplot(1, 1, 1)
     steps = log.table["Step"]
-    lines = loss_axis.plot(steps, log.table["Loss"], color="tab:red", label="Loss")
+    lines = []
+    if RAW_LOSS in log.table.columns:
+        lines += loss_axis.plot(steps, log.table[RAW_LOSS], color="tab:red", alpha=0.25, linewidth=0.8, label=RAW_LOSS)
+    lines += loss_axis.plot(steps, log.table["Loss"], color="tab:red", label="Loss (EMA)")
     loss_axis.set_xlabel("Step")
     loss_axis.set_ylabel("Loss")
     loss_axis.grid(True, alpha=0.4)

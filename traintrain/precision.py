@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-# "model" means fp16, as in the original TrainTrain.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "model": torch.float16}
+# "model" means fp16, as in the original TrainTrain; "int8" (int8 UNet weights, models/int8.py) computes in fp16.
+DTYPES = {
+    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "model": torch.float16, "int8": torch.float16
+}  # fmt: skip
 
 
 def precision_dtype(name: str) -> torch.dtype:

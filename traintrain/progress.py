@@ -31,6 +31,24 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+def console_progress() -> ProgressCallback:
+    """A callback drawing one tqdm bar per phase on the console (the WebUI's terminal, the CLI): step, loss, lr."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(p: Progress) -> None:
+        if p.phase not in bars:
+            bars[p.phase] = tqdm(total=p.total, desc=p.phase or "TrainTrain", unit="step", dynamic_ncols=True)
+        bar = bars[p.phase]
+        bar.update(p.step - bar.n)
+        bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}", refresh=False)
+        if p.step >= p.total:
+            bar.close()
+
+    return update
+
+
 def _clock(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 from collections import Counter
 from pathlib import Path
 
-from traintrain.errors import TrainTrainError
+log = logging.getLogger(__name__)
 
 CAPTION_SUFFIXES = (".txt", ".caption")  # the first one found wins
 
 
 def read_caption(image_path: Path) -> str:
-    """The stripped text of `<stem>.txt`, else of `<stem>.caption`, else ""."""
+    """The stripped text of `<stem>.txt`, else of `<stem>.caption`, else "".
+
+    A caption that cannot be read (permissions, a name too long to exist) is skipped with a warning: one entry never
+    ends the run."""
     for suffix in CAPTION_SUFFIXES:
         caption_path = image_path.with_suffix(suffix)
-        if caption_path.is_file():
-            try:
+        try:
+            if caption_path.is_file():
                 return caption_path.read_text(encoding="utf-8", errors="replace").strip()
-            except OSError as error:
-                raise TrainTrainError(f"Cannot read the caption {caption_path}: {error.strerror or error}.") from error
+        except OSError as error:
+            if error.errno != errno.ENAMETOOLONG:  # a name too long to exist is simply no caption
+                log.warning("Training %s without its caption: cannot read %s (%s).", image_path.name, caption_path,
+                            error.strerror or error)  # fmt: skip
     return ""
 
 

@@ -1,7 +1,12 @@
-"""The LoRA image dataset: every image cut into its main bucket, sub-image buckets and mirrored copies, with prompts."""
+"""The LoRA image dataset: every image's variants (main bucket, sub-image buckets, mirrored copies) with prompts.
+
+Only what makes each variant is kept (file, bucket, mirroring, SDXL's size conditioning): pixels are made on demand,
+one source image at a time, while the latent cache encodes them (`LatentDataset.build`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,26 +17,56 @@ from PIL import Image
 from traintrain.data.buckets import Bucket, bucket_order, nearest_buckets, needs_upscale
 from traintrain.data.captions import image_prompt
 from traintrain.data.files import discover_images
-from traintrain.data.images import alpha_mask, fit_to_bucket, load_image, to_pixels
+from traintrain.data.images import alpha_mask, cover_crop, fit_to_bucket, load_image, to_pixels
 from traintrain.data.options import DataOptions
 from traintrain.errors import TrainTrainError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sample:
-    """One training variant: pixels (3,H,W) in [-1,1], its prompt, its bucket and its alpha mask (1,H/8,W/8) or None."""
+    """One training variant of the image at `path`: its prompt, bucket, mirroring, the source's (height, width) and
+    the (top, left) of its crop in the cover-resized image (as seen after mirroring): SDXL's size conditioning."""
 
-    pixels: torch.Tensor
+    path: Path
     prompt: str
     bucket: Bucket
-    mask: torch.Tensor | None = None
+    original_size: tuple[int, int]
+    crop: tuple[int, int]
+    mirror: bool = False
+    image: Image.Image | None = field(default=None, compare=False, repr=False)  # held when not the file as it is
 
-    def mirrored(self) -> "Sample":
-        """The horizontally flipped copy (mask flipped too)."""
-        mask = None if self.mask is None else self.mask.flip(-1)
-        return Sample(self.pixels.flip(-1), self.prompt, self.bucket, mask)
+    def render(self, image: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixels (3,H,W) in [-1,1], alpha mask (1,H/8,W/8) or None) from `image` (default: `source()`)."""
+        image = image if image is not None else self.source()
+        fitted = fit_to_bucket(image, self.bucket)
+        pixels, mask = to_pixels(fitted), alpha_mask(fitted)
+        if self.mirror:
+            return pixels.flip(-1), None if mask is None else mask.flip(-1)
+        return pixels, mask
+
+    def source(self) -> Image.Image:
+        """The source image: the one held, else loaded again from `path`."""
+        image = self.image if self.image is not None else load_image(self.path)
+        if image is None:
+            raise TrainTrainError(f"{self.path} could not be read any more: restore or remove it and start again.")
+        return image
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """The variant's pixels (3,H,W) in [-1,1]."""
+        return self.render()[0]
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The variant's alpha mask (1,H/8,W/8), None without transparency."""
+        return self.render()[1]
+
+    @property
+    def size_conditioning(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's size ids: original (height, width), crop (top, left), target (height, width)."""
+        return (*self.original_size, *self.crop, self.bucket[1], self.bucket[0])
 
 
 @dataclass
@@ -68,13 +103,22 @@ def choose_buckets(size: tuple[int, int], main: list[Bucket], sub: list[Bucket],
     return chosen
 
 
-def make_samples(image: Image.Image, buckets: list[Bucket], prompt: str, mirroring: bool) -> list[Sample]:
-    """One sample per bucket (cover-resized and centre-cropped), each followed by its mirror when asked."""
+def make_samples(
+    path: Path,
+    size: tuple[int, int],
+    buckets: list[Bucket],
+    prompt: str,
+    mirroring: bool,
+    image: Image.Image | None = None,
+) -> list[Sample]:
+    """One sample per bucket (cover-resized and centre-cropped) of the image at `path` of `size` (width, height), or
+    of `image` when given (held in memory), each followed by its mirror when asked."""
     samples = []
     for bucket in buckets:
-        fitted = fit_to_bucket(image, bucket)
-        sample = Sample(to_pixels(fitted), prompt, bucket, alpha_mask(fitted))
-        samples.extend([sample, sample.mirrored()] if mirroring else [sample])
+        (covered_width, _), (left, top) = cover_crop(size, bucket)
+        sample = Sample(path, prompt, bucket, (size[1], size[0]), (top, left), image=image)
+        mirrored = dataclasses.replace(sample, crop=(top, covered_width - bucket[0] - left), mirror=True)
+        samples.extend([sample, mirrored] if mirroring else [sample])
     return samples
 
 
@@ -91,7 +135,8 @@ def require_samples(dataset: ImageDataset, folder: str | Path, options: DataOpti
 
 
 def load_image_dataset(folder: str | Path, options: DataOptions) -> ImageDataset:
-    """Load every image of `folder` (recursively) into bucketed samples; corrupt files are skipped with a warning."""
+    """Every image of `folder` (recursively) as bucketed samples (read once for its size; its pixels are made while
+    encoding); corrupt files are skipped with a warning."""
     main, sub = options.buckets()
     dataset = ImageDataset(repeats=options.num_multiply)
     for path in discover_images(folder):
@@ -103,6 +148,6 @@ def load_image_dataset(folder: str | Path, options: DataOptions) -> ImageDataset
         if not buckets:
             log.warning("Skipping %s: it is smaller than its buckets and image disable upscale is on.", path)
         prompt = image_prompt(path, options.trigger_word, options.use_filename_as_tag)
-        dataset.add(make_samples(image, buckets, prompt, options.mirroring))
+        dataset.add(make_samples(path, image.size, buckets, prompt, options.mirroring))
     require_samples(dataset, folder, options)
     return dataset

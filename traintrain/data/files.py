@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from traintrain.errors import TrainTrainError
+from traintrain.files import is_dir
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp", ".pcx", ".ico"})
 
@@ -14,7 +15,7 @@ def data_folder(folder: str | Path) -> Path:
     if not str(folder).strip():
         raise TrainTrainError("No data folder is set: choose the folder that holds the training images.")
     path = Path(folder).expanduser()
-    if not path.is_dir():
+    if not is_dir(path):
         raise TrainTrainError(f"The data folder {path} does not exist: choose a folder that holds the training images.")
     return path
 

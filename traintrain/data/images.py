@@ -31,11 +31,31 @@ def load_image(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as opened:
             opened.load()
-            image = ImageOps.exif_transpose(opened)
+            image = _eight_bit(ImageOps.exif_transpose(opened))
             return image.convert("RGBA" if _has_alpha(image) else "RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         log.warning("Skipping %s: it is not a readable image (%s).", path, error)
         return None
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer and float grayscale as 8-bit "L" with the same brightness (Pillow's own conversion
+    clips them: a 16-bit image turns almost white, a 0..1 float one black); other modes unchanged.
+
+    Raises ValueError for values that have no 8-bit meaning (negative, or floats above 255: HDR)."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not (np.isfinite(values).all() and low >= 0 and high <= 255):
+            raise ValueError(f"float pixels from {low:g} to {high:g} are not 0..1 or 0..255 (HDR is not supported)")
+        peak = 1.0 if high <= 1.0 else 255.0
+    else:
+        if low < 0 or high > 65535:
+            raise ValueError(f"integer pixels from {low:g} to {high:g} are not 8 or 16 bit")
+        peak = 65535.0
+    return Image.fromarray(np.round(values * (255.0 / peak)).astype(np.uint8), mode="L")
 
 
 def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -46,14 +66,19 @@ def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC)
 
 
+def cover_crop(size: tuple[int, int], bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int]]:
+    """For an image of `size` (width, height): the (width, height) that just covers the bucket with the aspect kept,
+    and the (left, top) of the centred bucket-size crop in it."""
+    width, height = bucket
+    scale = max(width / size[0], height / size[1])
+    covered = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    return covered, ((covered[0] - width) // 2, (covered[1] - height) // 2)
+
+
 def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Resized to just cover the bucket (aspect kept), then centre-cropped to exactly (width, height)."""
-    width, height = bucket
-    scale = max(width / image.width, height / image.height)
-    covered = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = resize(image, covered)
-    left, top = (covered[0] - width) // 2, (covered[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    covered, (left, top) = cover_crop(image.size, bucket)
+    return resize(image, covered).crop((left, top, left + bucket[0], top + bucket[1]))
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:

@@ -97,7 +97,7 @@ def load_pair_dataset(folder: str | Path, suffix: str, options: DataOptions) -> 
             continue
         for side, path, image in ((dataset.originals, original_path, original), (dataset.targets, target_path, target)):
             prompt = image_prompt(path, options.trigger_word, options.use_filename_as_tag)
-            side.add(make_samples(image, buckets, prompt, options.mirroring))
+            side.add(make_samples(path, image.size, buckets, prompt, options.mirroring, image))  # resized alike: held
         dataset.pairs.append((original_path, target_path))
     dataset.unmatched = unmatched
     require_samples(dataset.originals, folder, options)

@@ -92,13 +92,16 @@ class ModelBundle(Protocol):
     alphas_cumprod: torch.Tensor  # (1000,) float32, on `device`
     device: torch.device
     dtype: torch.dtype  # dtype of the frozen weights during training
+    vae_dtype: torch.dtype  # dtype the VAE encodes / decodes in (set per run from `train VAE precision`)
+    clip_skip: int  # SD1: condition on the N-th layer from the last (1 = last); the host's setting by default
 
     def encode_text(self, prompts: list[str]) -> Conditioning:
         """Encode captions. Gradients flow through text-encoder LoRA modules when the caller enables grad."""
         ...
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The host half of `encode_text`: named token tensors (ids per text encoder, ...) on the device."""
+        """The host half of `encode_text`: named token tensors (ids per text encoder, ...), batch first, on the
+        device; prompts are cut in 75-token chunks (each encoded separately, concatenated), as the WebUI does."""
         ...
 
     def encode_tokens(self, tokens: Mapping[str, torch.Tensor]) -> Conditioning:
@@ -113,8 +116,16 @@ class ModelBundle(Protocol):
         """Scaled latents → pixels in [-1,1] (for previews)."""
         ...
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """UNet output for noisy latents at integer timesteps (SDXL size conditioning from the latent size)."""
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet output for noisy latents at integer timesteps. SDXL's size conditioning: `sizes` (B,6) = original
+        height / width, crop top / left, target height / width in pixels; None: an uncropped image of the latents'
+        size. Other models ignore it."""
         ...
 
     def lora_targets(self) -> list[LoraTarget]:

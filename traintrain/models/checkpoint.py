@@ -6,7 +6,6 @@ Single files are converted with diffusers' LDM converters into models built from
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from traintrain.errors import TrainTrainError
+from traintrain.files import is_dir, is_file, read_json
 from traintrain.models.bundle import ModelKind, Prediction
 from traintrain.models.diffusers_backend import Components
 from traintrain.models.ldm_convert import TEXT_ENCODER_SLOTS, UNET_PREFIX, V_PRED_KEY, VAE_PREFIX
@@ -138,9 +138,12 @@ def _on_meta(build: Any) -> nn.Module:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise TrainTrainError(f"Cannot read {path} ({error}): choose a complete diffusers config folder.") from error
+        data = read_json(path, "model config")
+    except TrainTrainError as error:
+        raise TrainTrainError(f"{error} Choose a complete diffusers config folder.") from error
+    if not isinstance(data, dict):
+        raise TrainTrainError(f"{path} holds no JSON object: choose a complete diffusers config folder.")
+    return data
 
 
 def _load_unet(state: dict[str, torch.Tensor], config_dir: Path, dtype: torch.dtype) -> nn.Module:
@@ -297,7 +300,7 @@ def _components_from_folder(folder: Path, dtype: torch.dtype) -> Components:
 def load_vae_file(path: Path | str, config_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A separate VAE file (LDM keys with or without `first_stage_model.`, or diffusers keys) for `config_dir`'s VAE."""
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise TrainTrainError(f"The VAE file {path} does not exist: check the path or leave the VAE empty.")
     tensors = read_state_dict(path)
     if any(key.startswith(VAE_PREFIX) for key in tensors):
@@ -319,7 +322,7 @@ def load_checkpoint(
     """Components of a single-file checkpoint or diffusers folder, offline. `config_dir` defaults to the shipped config
     of the detected kind; `v_pred` True/False forces the prediction type, None takes a `v_pred` key or the config's."""
     path = Path(path)
-    if not path.exists():
+    if not (is_file(path) or is_dir(path)):
         raise TrainTrainError(f"The model {path} does not exist: check the path.")
     if path.is_dir():
         if not (path / "model_index.json").is_file():

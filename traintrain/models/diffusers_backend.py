@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -15,7 +15,7 @@ from traintrain.devices import ConstantCache, host_tensor_on, host_values_on
 from traintrain.errors import TrainTrainError
 from traintrain.models.bundle import Conditioning, LoraTarget, ModelKind, Prediction, frozen, placement
 from traintrain.models.targets import collect_targets, unet_kohya_paths
-from traintrain.models.tokenizer import MAX_TOKENS
+from traintrain.models.tokenizer import chunked_token_ids
 
 
 @dataclass
@@ -60,6 +60,7 @@ class DiffusersBundle:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         vae_dtype: torch.dtype = torch.float32,
+        clip_skip: int = 1,
     ) -> None:
         if len(components.text_encoders) != len(components.tokenizers):
             raise ValueError("Components need one tokenizer per text encoder.")
@@ -69,6 +70,7 @@ class DiffusersBundle:
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae_dtype = vae_dtype
+        self.clip_skip = clip_skip
         self.alphas_cumprod = components.alphas_cumprod.to(self.device, torch.float32)
         self._checkpointing = False
         self._in_training = False
@@ -87,27 +89,35 @@ class DiffusersBundle:
         return 2 ** (len(self.components.vae.config.block_out_channels) - 1)
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids per text encoder (`ids_0`, `ids_1`), padded / truncated to 77, on the bundle device."""
-        tokens = {}
-        for index, tokenizer in enumerate(self.components.tokenizers):
-            batch = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-            tokens[f"ids_{index}"] = host_tensor_on(self.device, batch.input_ids)
-        return tokens
+        """Token ids per text encoder (`ids_0`, `ids_1`), (B, chunks, 77) in 75-token chunks, on the bundle device."""
+        return {
+            f"ids_{index}": host_tensor_on(self.device, chunked_token_ids(tokenizer, prompts))
+            for index, tokenizer in enumerate(self.components.tokenizers)
+        }
 
     def encode_text(self, prompts: list[str]) -> Conditioning:
-        """SD1: last layer (final norm); SD2: penultimate + final norm; SDXL: penultimate of both + TE2 pooled."""
+        """SD1: last layer (or `clip_skip` layers back, final norm); SD2: the last layer of the 23-layer converted
+        encoder (OpenCLIP's penultimate) with the final norm; SDXL: penultimate of both + TE2's pooled (first chunk)."""
         return self.encode_tokens(self.tokenize(prompts))
 
     def encode_tokens(self, tokens: Mapping[str, torch.Tensor]) -> Conditioning:
-        """`encode_text` from `tokenize`'s ids."""
-        encoders = self.components.text_encoders
-        outputs = [te(tokens[f"ids_{index}"], output_hidden_states=True) for index, te in enumerate(encoders)]
-        if self.kind == "sd1":
-            return Conditioning(outputs[0].last_hidden_state)
-        if self.kind == "sd2":
-            return Conditioning(_final_layer_norm(encoders[0])(outputs[0].hidden_states[-2]))
-        context = torch.cat([output.hidden_states[-2] for output in outputs], dim=-1)
-        return Conditioning(context, outputs[1].text_embeds)
+        """`encode_text` from `tokenize`'s ids: every chunk encoded separately, the chunks concatenated."""
+        contexts, pooled = [], None
+        for index, encoder in enumerate(self.components.text_encoders):
+            ids = tokens[f"ids_{index}"]
+            output = encoder(ids.flatten(0, 1), output_hidden_states=True)
+            contexts.append(self._layer(encoder, output).unflatten(0, ids.shape[:2]).flatten(1, 2))
+            if index == 1:
+                pooled = output.text_embeds.unflatten(0, ids.shape[:2])[:, 0]
+        return Conditioning(torch.cat(contexts, dim=-1), pooled)
+
+    def _layer(self, encoder: nn.Module, output: Any) -> torch.Tensor:
+        """The hidden state the UNet is conditioned on (see `encode_text`)."""
+        if self.kind == "sdxl":
+            return output.hidden_states[-2]
+        if self.kind == "sd1" and self.clip_skip > 1:
+            return _final_layer_norm(encoder)(output.hidden_states[-self.clip_skip])
+        return output.last_hidden_state
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -123,8 +133,15 @@ class DiffusersBundle:
         pixels = vae.decode(latents.to(self.device, self.vae_dtype) / vae.config.scaling_factor).sample
         return pixels.float().clamp(-1.0, 1.0)
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """UNet output in the bundle dtype; SDXL gets its pooled text and pixel-size time ids [h, w, 0, 0, h, w]."""
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet output in the bundle dtype; SDXL gets its pooled text and the time ids `sizes` (default: the latents'
+        pixel size, uncropped: [h, w, 0, 0, h, w])."""
         noisy = noisy_latents.to(self.device, self.dtype)
         added = None
         if self.kind == "sdxl":
@@ -134,7 +151,7 @@ class DiffusersBundle:
             time_ids = self._constants.get(
                 ("time_ids", height, width, len(noisy), self.device, self.dtype),
                 lambda: host_values_on(self.device, [[height, width, 0, 0, height, width]] * len(noisy), self.dtype),
-            )
+            ) if sizes is None else sizes.to(self.device, self.dtype)
             added = {"text_embeds": cond.pooled.to(self.device, self.dtype), "time_ids": time_ids}
         context = cond.context.to(self.device, self.dtype)
         return self.components.unet(noisy, timesteps.to(self.device), context, added_cond_kwargs=added).sample

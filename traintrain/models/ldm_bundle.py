@@ -22,7 +22,7 @@ from traintrain.models.ldm_convert import text_encoder_ldm_to_diffusers_names, u
 from traintrain.models.ldm_state import TrainingState
 from traintrain.models.openclip_text import OpenClipText
 from traintrain.models.targets import collect_targets, unet_kohya_paths
-from traintrain.models.tokenizer import MAX_TOKENS, clip_bpe_tokenizer
+from traintrain.models.tokenizer import chunked_token_ids, clip_bpe_tokenizer
 
 PARAMETERIZATION: dict[str, Prediction] = {"eps": "epsilon", "v": "v"}
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")  # SDXL's size embedders
@@ -48,14 +48,21 @@ class ClipText:
         self.prefix, self.penultimate = prefix, penultimate
 
     def tokenize(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Token ids padded / truncated to 77, on `device`."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-        return {"ids": host_tensor_on(device, ids.input_ids)}
+        """Token ids (B, chunks, 77) in 75-token chunks, on `device`."""
+        return {"ids": host_tensor_on(device, chunked_token_ids(self.tokenizer, prompts))}
 
-    def encode(self, tokens: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
-        """SD1: last layer with the final norm; SDXL: the penultimate layer as it is (no pooled output)."""
-        output = self.module(input_ids=tokens["ids"], output_hidden_states=self.penultimate)
-        return (output.hidden_states[-2] if self.penultimate else output.last_hidden_state), None
+    def encode(self, tokens: Mapping[str, torch.Tensor], clip_skip: int) -> tuple[torch.Tensor, None]:
+        """Chunks encoded separately and concatenated. SD1: the last layer, or with `clip_skip` N > 1 the N-th from
+        last with the final norm (as the WebUI); SDXL: the penultimate layer as it is (no pooled output)."""
+        ids = tokens["ids"]
+        output = self.module(input_ids=ids.flatten(0, 1), output_hidden_states=True)
+        if self.penultimate:
+            hidden = output.hidden_states[-2]
+        elif clip_skip > 1:
+            hidden = getattr(self.module, "text_model", self.module).final_layer_norm(output.hidden_states[-clip_skip])
+        else:
+            hidden = output.last_hidden_state
+        return hidden.unflatten(0, ids.shape[:2]).flatten(1, 2), None
 
     def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """The transformers names already are the diffusers names."""
@@ -71,21 +78,28 @@ class OpenClipEncoder:
         self.prefix, self.pooled = prefix, pooled
 
     def tokenize(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Token ids (OpenCLIP padding) and end-token positions, on `device`."""
+        """Token ids (B, chunks, 77; OpenCLIP padding) and each chunk's end-token position, on `device`."""
         ids, eos = self.text.token_ids(prompts)
         return {"ids": host_tensor_on(device, ids), "eos": host_tensor_on(device, eos)}
 
-    def encode(self, tokens: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """SD2: penultimate layer + ln_final; SDXL: the penultimate layer, and the pooled projection of the last."""
-        penultimate, last = self.text.hidden_states(tokens["ids"])
+    def encode(self, tokens: Mapping[str, torch.Tensor], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunks encoded separately and concatenated. SD2: penultimate layer + ln_final (the WebUI's
+        FrozenOpenCLIPEmbedder; no CLIP skip there); SDXL: the penultimate layer, and the pooled projection of the
+        last at the first chunk's end token."""
+        ids = tokens["ids"]
+        penultimate, last = self.text.hidden_states(ids.flatten(0, 1))
+        chunked = ids.shape[:2]
         if not self.pooled:
-            return self.module.ln_final(penultimate), None
-        return penultimate, self.text.pool(last, tokens["eos"])
+            return self.module.ln_final(penultimate).unflatten(0, chunked).flatten(1, 2), None
+        pooled = self.text.pool(last.unflatten(0, chunked)[:, 0], tokens["eos"][:, 0])
+        return penultimate.unflatten(0, chunked).flatten(1, 2), pooled
 
     def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        """Modules by transformers CLIP name; q/k/v are the Linear views over the fused attention projections."""
-        names = text_encoder_ldm_to_diffusers_names("openclip", self.text.num_layers)
-        for ldm_name, hf_name in names.items():
+        """Modules by transformers CLIP name; q/k/v are the Linear views over the fused attention projections. SD2
+        conditions on the penultimate layer: its last block never acts, so it has no target (as in kohya's 23-layer
+        SD2 text encoder)."""
+        layers = self.text.num_layers - (0 if self.pooled else 1)
+        for ldm_name, hf_name in text_encoder_ldm_to_diffusers_names("openclip", layers).items():
             yield hf_name, self.text.module_for(ldm_name.removeprefix("model."))
 
 
@@ -168,6 +182,7 @@ class LdmBundle:
         *,
         vae_dtype: torch.dtype = torch.float32,
         tokenizer: CLIPTokenizer | None = None,
+        clip_skip: int = 1,
     ) -> None:
         self.sd_model = sd_model
         self.kind: ModelKind = model_kind(sd_model)
@@ -178,6 +193,7 @@ class LdmBundle:
         self.device = torch.device(device) if device is not None else unet_device
         self.dtype = dtype or unet_dtype
         self.vae_dtype = vae_dtype
+        self.clip_skip = clip_skip  # the host's CLIP skip (the WebUI's CLIP_stop_at_last_layers), used by default
         schedule = getattr(sd_model, "alphas_cumprod_original", None)
         schedule = sd_model.alphas_cumprod if schedule is None else schedule
         self.alphas_cumprod = schedule.detach().to(self.device, torch.float32).clone()
@@ -223,7 +239,7 @@ class LdmBundle:
         outputs = []
         for index, encoder in enumerate(self.encoders):
             own = {name.rsplit("_", 1)[0]: t for name, t in tokens.items() if name.rsplit("_", 1)[1] == str(index)}
-            outputs.append(encoder.encode(own))
+            outputs.append(encoder.encode(own, self.clip_skip))
         pooled = next((p for _, p in outputs if p is not None), None)
         return Conditioning(torch.cat([context for context, _ in outputs], dim=-1), pooled)
 
@@ -242,8 +258,15 @@ class LdmBundle:
         pixels = self.vae.decode(latents.to(device, dtype) / self.scale_factor)
         return pixels.float().clamp(-1.0, 1.0)
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """UNet output; SDXL's `y` is TE2's pooled output and the size embeddings of the batch's pixel size."""
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet output; SDXL's `y` is TE2's pooled output and the size embeddings of `sizes` (default: the batch's
+        pixel size, uncropped)."""
         noisy = noisy_latents.to(self.device, self.dtype)
         context = cond.context.to(self.device, self.dtype)
         timesteps = timesteps.to(self.device)
@@ -251,7 +274,8 @@ class LdmBundle:
             return self.unet(noisy, timesteps, context=context)
         if cond.pooled is None:
             raise ValueError("SDXL conditioning needs the pooled text embedding.")
-        vector = torch.cat([cond.pooled.to(self.device), self._size_embedding(noisy)], dim=1)
+        embedded = self._size_embedding(noisy) if sizes is None else self._embed_sizes(sizes.to(self.device).float())
+        vector = torch.cat([cond.pooled.to(self.device), embedded], dim=1)
         return self.unet(noisy, timesteps, context=context, y=vector.to(self.dtype))
 
     def _size_embedding(self, latents: torch.Tensor) -> torch.Tensor:
@@ -260,15 +284,15 @@ class LdmBundle:
         height, width = (side * self._pixels_per_latent for side in latents.shape[-2:])
 
         def build() -> torch.Tensor:
-            values = {"original_size_as_tuple": (height, width), "crop_coords_top_left": (0, 0)}
-            values["target_size_as_tuple"] = (height, width)
-            parts = []
-            for embedder in self.size_embedders:
-                rows = host_values_on(self.device, [values[embedder.input_key]] * len(latents), torch.float32)
-                parts.append(embedder(rows))
-            return torch.cat(parts, dim=1)
+            rows = host_values_on(self.device, [[height, width, 0, 0, height, width]] * len(latents), torch.float32)
+            return self._embed_sizes(rows)
 
         return self._constants.get(("size", height, width, len(latents), self.device), build)
+
+    def _embed_sizes(self, sizes: torch.Tensor) -> torch.Tensor:
+        """The model's size / crop embeddings of `sizes` (B,6): original, crop top-left, target (height, width)."""
+        columns = dict(zip(SIZE_KEYS, sizes.split(2, dim=1)))
+        return torch.cat([embedder(columns[embedder.input_key]) for embedder in self.size_embedders], dim=1)
 
     def lora_targets(self) -> list[LoraTarget]:
         """UNet and text-encoder layers under kohya's names (the same as the diffusers adapter's)."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 
-from traintrain.files import atomic_path
+from traintrain.files import save_safetensors
 
 if TYPE_CHECKING:
     from traintrain.models.diffusers_backend import Components
@@ -246,10 +246,5 @@ def ldm_state_dict(components: Components) -> dict[str, torch.Tensor]:
 
 def save_single_file(components: Components, path: Path | str) -> Path:
     """Write `components` as an A1111-style .safetensors checkpoint (atomically)."""
-    from safetensors.torch import save_file
-
     tensors = {key: value.detach().cpu().contiguous() for key, value in ldm_state_dict(components).items()}
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-    return path
+    return save_safetensors(Path(path), tensors)

@@ -8,6 +8,7 @@ import torch
 
 from traintrain.errors import TrainTrainError
 from traintrain.models.bundle import ModelBundle
+from traintrain.models.int8 import INT8, quantize_int8
 from traintrain.precision import weight_dtype
 
 TINY_MODELS = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
@@ -38,4 +39,6 @@ def open_model(
         if not model:
             raise TrainTrainError("No model given: pass --model with a checkpoint file, a diffusers folder or 'tiny'.")
         components = load_checkpoint(Path(model), vae_path=Path(vae) if vae else None, v_pred=v_pred or None)
+    if precision == INT8:
+        quantize_int8(components.unet)
     return DiffusersBundle(components, device=device, dtype=dtype)

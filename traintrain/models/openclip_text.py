@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTokenizer
 
-from traintrain.models.tokenizer import MAX_TOKENS
+from traintrain.models.tokenizer import chunked_token_ids
 
 OPEN_CLIP_PAD = 0  # open_clip.tokenize pads with 0 after the end token
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -119,13 +119,10 @@ class OpenClipText:
         return self.model.get_submodule(name)
 
     def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, end-token positions): start, text, end, then zeros up to 77 (truncated with the end token kept)."""
-        batch = self.tokenizer(
-            prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
-        )
-        ids = batch.input_ids
-        eos = (ids == self.tokenizer.eos_token_id).int().argmax(dim=1)
-        return ids.masked_fill(torch.arange(ids.shape[1])[None] > eos[:, None], OPEN_CLIP_PAD), eos
+        """(ids (B, chunks, 77), end-token positions (B, chunks)): per 75-token chunk start, text, end, then zeros."""
+        ids = chunked_token_ids(self.tokenizer, prompts)
+        eos = (ids == self.tokenizer.eos_token_id).int().argmax(dim=-1)
+        return ids.masked_fill(torch.arange(ids.shape[-1]) > eos[..., None], OPEN_CLIP_PAD), eos
 
     def hidden_states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(penultimate layer, last layer) for `token_ids` on the model's device, batch first, no final norm."""

@@ -10,12 +10,15 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import torch
 from transformers import CLIPTokenizer
 
 from traintrain.errors import TrainTrainError
 from traintrain.files import atomic_write_text
 
-MAX_TOKENS = 77  # bos + 75 tokens + eos: the WebUI's first chunk
+MAX_TOKENS = 77  # bos + 75 tokens + eos: one chunk, as the WebUI encodes prompts
+CHUNK_TOKENS = MAX_TOKENS - 2  # text tokens per chunk
+COMMA_BACKTRACK = 20  # a full chunk breaks after its last comma when that is at most this many tokens back (WebUI)
 START, END = "<|startoftext|>", "<|endoftext|>"
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 BPE_PACKAGES = ("open_clip", "clip")  # open_clip ships inside the WebUI, clip-anytorch standalone
@@ -100,3 +103,38 @@ def clip_bpe_tokenizer(pad_token: str = END) -> CLIPTokenizer:
         return _vocabulary(lines[1 : 1 + BPE_MERGES])
 
     return _tokenizer(f"clip-bpe-{hashlib.sha256(data).hexdigest()[:16]}", build, pad_token)
+
+
+def split_chunks(ids: list[int], comma: int | None) -> list[list[int]]:
+    """Text token ids cut into chunks of at most 75, a full chunk broken after its last comma when that is at most
+    20 tokens back (the WebUI's comma padding backtrack); always at least one (maybe empty) chunk."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    last_comma = -1
+    for token in ids:
+        if len(current) == CHUNK_TOKENS:
+            cut = last_comma + 1 if last_comma >= 0 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK else CHUNK_TOKENS
+            chunks.append(current[:cut])
+            current, last_comma = current[cut:], -1
+        if token == comma:
+            last_comma = len(current)
+        current.append(token)
+    if current or not chunks:
+        chunks.append(current)
+    return chunks
+
+
+def chunked_token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """(prompts, chunks, 77) ids: each prompt in 75-token chunks, each `[start] tokens [end] padding`, as the WebUI
+    encodes long prompts (chunks encoded separately, then concatenated); shorter prompts get empty chunks."""
+    texts = tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    comma = None if comma == tokenizer.unk_token_id else comma
+    pieces = [split_chunks(ids, comma) for ids in texts]
+    count = max(len(chunks) for chunks in pieces)
+    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = [
+        [[start, *chunk, end] + [pad] * (CHUNK_TOKENS - len(chunk)) for chunk in chunks + [[]] * (count - len(chunks))]
+        for chunks in pieces
+    ]
+    return torch.tensor(rows, dtype=torch.long)

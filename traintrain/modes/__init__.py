@@ -7,9 +7,9 @@ import logging
 from typing import Callable
 
 from traintrain.config import TrainConfig
-from traintrain.files import atomic_write_text, inside, output_path
+from traintrain.files import atomic_write_text, check_writable, inside, output_path, remove_stale_temp_files
 from traintrain.modes.common import OutputDirs, RunContext, TrainResult
-from traintrain.optim import check_optimizer, check_scheduler
+from traintrain.preflight import check_before_model
 
 __all__ = ["OutputDirs", "RunContext", "TrainResult", "advice", "run_training"]
 
@@ -19,13 +19,11 @@ log = logging.getLogger(__name__)
 def run_training(ctx: RunContext) -> TrainResult:
     """Validate, refuse an existing output up front, record the settings, and run the config's mode."""
     config = ctx.config
-    config.validate()
-    for settings in (config, config.second_pass):
-        if settings is not None:
-            check_optimizer(settings.train_optimizer, settings.train_optimizer_settings)
-            check_scheduler(settings.train_lr_scheduler, settings.train_lr_scheduler_settings, settings.train_lr_step_rules)
+    check_before_model(config)
     first_pass_only = config.mode == "Difference" and config.diff_1st_pass_only
     final_stem = config.effective_name + ("_copy" if first_pass_only else "")
+    remove_stale_temp_files(ctx.dirs.lora)
+    check_writable(ctx.dirs.lora)  # a read-only Lora folder is refused before training, not after
     output_path(ctx.dirs.lora, final_stem, ".safetensors", config.save_overwrite)
     if config.save_as_json:
         day = ctx.stamp.split("_")[0]

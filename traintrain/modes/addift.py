@@ -127,4 +127,5 @@ def train_multi_addift(ctx: RunContext) -> TrainResult:
             return difference.inputs(index, original, target, conds, generator, mask)
 
         step = TrainingStep(inputs, difference.loss)
-        return train_network(ctx, config, network, step, stem=config.effective_name)
+        pairs = len(dataset.prompts) // 2  # an original and a target prompt per pair
+        return train_network(ctx, config, network, step, stem=config.effective_name, images=pairs)

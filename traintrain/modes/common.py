@@ -17,12 +17,14 @@ from traintrain.csvlog import CsvLog
 from traintrain.diffusion import NoiseSchedule, weighted_loss
 from traintrain.files import free_path, inside, output_path
 from traintrain.loop import LoopResult, LoopSettings, run_loop
+from traintrain.models.int8 import INT8, require_int8
 from traintrain.models.bundle import BASE_MODEL_VERSION, Conditioning, ModelBundle
 from traintrain.networks.kohya_io import network_from_file, save_network
 from traintrain.networks.kohya_io import training_metadata
+from traintrain.modes.metadata import kohya_settings
 from traintrain.models.targets import TEXT_BLOCK
 from traintrain.networks.network import Network, NetworkSpec
-from traintrain.precision import autocast_dtype, precision_dtype
+from traintrain.precision import autocast_dtype, precision_dtype, weight_dtype
 from traintrain.progress import ProgressCallback, StopFlag
 from traintrain.step import StepInputs, TrainingStep, tensors_without_none
 
@@ -129,8 +131,10 @@ def loop_settings(config: TrainConfig, device: torch.device) -> LoopSettings:
 
 
 # A batch source for the denoising objective: step index -> (latents, conditioning or, when the text encoder is
-# trained, the captions' token tensors, mask or None).
-BatchDraw = Callable[[int], tuple[torch.Tensor, "Conditioning | dict[str, torch.Tensor]", "torch.Tensor | None"]]
+# trained, the captions' token tensors, mask or None, SDXL size ids (B,6) or None).
+BatchDraw = Callable[
+    [int], tuple[torch.Tensor, "Conditioning | dict[str, torch.Tensor]", "torch.Tensor | None", "torch.Tensor | None"]
+]
 TOKENS = "tokens_"  # prefix of token tensors among a step's inputs
 
 
@@ -156,16 +160,17 @@ class Objective:
     def denoising_loss(self, bundle: ModelBundle, inputs: StepInputs, cond: Conditioning) -> torch.Tensor:
         """The standard objective on `noised` inputs: predict the noise (or velocity) of the noised latents."""
         latents, noise, timesteps = inputs["latents"], inputs["noise"], inputs["timesteps"]
-        prediction = bundle.predict(self.schedule.add_noise(latents, noise, timesteps), timesteps, cond)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        prediction = bundle.predict(noisy, timesteps, cond, inputs.get("sizes"))
         return self.loss(prediction, self.schedule.target(latents, noise, timesteps), timesteps, inputs.get("mask"))
 
     def denoising_step(self, bundle: ModelBundle, draw: BatchDraw, generator: torch.Generator) -> TrainingStep:
         """A step of the standard objective on the batches `draw` gives: (latents, conditioning or, when the text
-        encoder is trained, the captions' token tensors to encode inside the loss, mask or None)."""
+        encoder is trained, the captions' token tensors to encode inside the loss, mask or None, sizes or None)."""
 
         def inputs(index: int) -> StepInputs:
-            latents, cond, mask = draw(index)
-            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask)
+            latents, cond, mask, sizes = draw(index)
+            tensors = tensors_without_none(**self.noised(latents, generator), mask=mask, sizes=sizes)
             if isinstance(cond, Conditioning):
                 return StepInputs({**tensors, **cond.tensors("cond")})
             return StepInputs({**tensors, **{TOKENS + name: t for name, t in cond.items()}})
@@ -198,8 +203,11 @@ def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
 class LoraWriter:
     """Writes a pass's LoRA files into the Lora folder: final, periodic and stop saves, with metadata."""
 
-    def __init__(self, ctx: RunContext, config: TrainConfig, network: Network, stem: str, tags: dict[str, int]):
+    def __init__(
+        self, ctx: RunContext, config: TrainConfig, network: Network, stem: str, tags: dict[str, int], images: int = 0
+    ) -> None:
         self.ctx, self.config, self.network, self.stem, self.tags = ctx, config, network, stem, tags
+        self.images = images  # training images (pairs) for the metadata
         self.saved: list[Path] = []
 
     def save(self, suffix: str, steps: int) -> Path:
@@ -222,25 +230,7 @@ class LoraWriter:
             conv_alpha=spec.conv_alpha,
             base_model_version=BASE_MODEL_VERSION[self.ctx.bundle.kind],
             v_prediction=self.ctx.bundle.prediction == "v",
-            settings={
-                "learning_rate": c.train_learning_rate,
-                "text_encoder_lr": c.train_textencoder_learning_rate or c.train_learning_rate,
-                "max_train_steps": c.train_iterations,
-                "lr_warmup_steps": c.train_lr_warmup_steps,
-                "lr_scheduler": c.train_lr_scheduler,
-                "lr_step_rules": c.train_lr_step_rules,
-                "lr_scheduler_num_cycles": c.train_lr_scheduler_num_cycles,
-                "lr_scheduler_power": c.train_lr_scheduler_power,
-                "optimizer": c.train_optimizer,
-                "seed": c.resolved_seed(),
-                "min_snr_gamma": c.train_snr_gamma,
-                "mixed_precision": c.train_model_precision,
-                "mode": c.mode,
-                "network_type": c.network_type,
-                "network_element": c.network_element,
-                "network_blocks": ",".join(c.network_blocks),
-                "network_strength": c.network_strength,
-            },
+            settings=kohya_settings(c, images=self.images, steps=steps),
             tag_frequency=self.tags,
             started_at=self.ctx.started_at,
             steps=steps,
@@ -252,7 +242,7 @@ class LoraWriter:
 
 
 def open_csv_log(ctx: RunContext, config: TrainConfig, stem: str, lr_columns: int) -> CsvLog | None:
-    """The pass's CSV log `logs/<stem>-<date_time>.csv`, when `logging_save_csv` is on."""
+    """The pass's CSV log `logs/<date>/<stem>-<date_time>.csv` (the original's place), when `logging_save_csv` is on."""
     if not config.logging_save_csv:
         return None
     header = {
@@ -265,7 +255,8 @@ def open_csv_log(ctx: RunContext, config: TrainConfig, stem: str, lr_columns: in
         "train_optimizer": config.train_optimizer,
         "save_lora_name": stem,
     }
-    return CsvLog(inside(ctx.dirs.logs, f"{stem}-{ctx.stamp}.csv"), header, lr_columns)
+    day = ctx.stamp.split("_")[0]
+    return CsvLog(inside(ctx.dirs.logs, f"{day}/{stem}-{ctx.stamp}.csv"), header, lr_columns)
 
 
 def train_network(
@@ -276,11 +267,13 @@ def train_network(
     *,
     stem: str,
     tags: dict[str, int] | None = None,
+    images: int = 1,
     phase: str = "",
     save_final: bool = True,
 ) -> TrainResult:
-    """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too)."""
-    writer = LoraWriter(ctx, config, network, stem, tags or {})
+    """Hook `network` on, run the loop with `step`, and save `<stem>.safetensors` (periodic and stop saves too);
+    `images` is the number of training images (pairs; 0 for prompts only), for the metadata."""
+    writer = LoraWriter(ctx, config, network, stem, tags or {}, images)
     with network.applied():
         csv_log = open_csv_log(ctx, config, stem, len(network.param_groups(1.0)))
         result = run_loop(
@@ -300,20 +293,35 @@ def train_network(
 def prepared_model(ctx: RunContext, config: TrainConfig) -> Iterator[ModelBundle]:
     """The model ready for training (frozen, on its device, gradient checkpointing as configured), restored after.
 
-    The global RNG is seeded first, so VAE encodings (which sample the posterior) are reproducible too."""
+    The global RNG is seeded first, so VAE encodings (which sample the posterior) are reproducible too. The VAE
+    encodes in `train VAE precision`; the text is encoded with the run's CLIP skip (see `run_clip_skip`)."""
     torch.manual_seed(config.resolved_seed())
-    with ctx.bundle.training():
-        ctx.bundle.set_gradient_checkpointing(config.use_gradient_checkpointing)
-        try:
-            yield ctx.bundle
-        finally:
-            ctx.bundle.set_gradient_checkpointing(False)
+    if config.train_model_precision == INT8:
+        require_int8(ctx.bundle)
+    bundle = ctx.bundle
+    host = bundle.vae_dtype, bundle.clip_skip
+    bundle.vae_dtype = weight_dtype(config.train_VAE_precision, bundle.device)
+    bundle.clip_skip = run_clip_skip(config, bundle.clip_skip)
+    try:
+        with bundle.training():
+            bundle.set_gradient_checkpointing(config.use_gradient_checkpointing)
+            try:
+                yield bundle
+            finally:
+                bundle.set_gradient_checkpointing(False)
+    finally:
+        bundle.vae_dtype, bundle.clip_skip = host
+
+
+def run_clip_skip(config: TrainConfig, host_clip_skip: int) -> int:
+    """The setting's CLIP skip; left at 1 (its default), the host's own (the WebUI's Clip skip, 1 standalone)."""
+    return config.clip_skip if config.clip_skip != 1 else host_clip_skip
 
 
 def finish(ctx: RunContext, writer: LoraWriter, result: LoopResult, *, save_final: bool = True) -> TrainResult:
-    """Save the final (or, when stopped, the `-step<k>`) file and describe the outcome."""
+    """Save the final (or, when stopped, the original's `<stem>_<k>steps`) file and describe the outcome."""
     if result.stopped:
-        path = writer.save(f"-step{result.steps}", result.steps) if ctx.stop.save and result.steps else None
+        path = writer.save(f"_{result.steps}steps", result.steps) if ctx.stop.save and result.steps else None
         message = f"Stopped at step {result.steps}." + (f" Saved {path}" if path else " Nothing saved.")
         return TrainResult(path, result.steps, result.losses, True, writer.saved, message)
     path = writer.save("", result.steps) if save_final else None

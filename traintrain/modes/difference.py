@@ -9,6 +9,7 @@ import torch
 
 from traintrain.config import TrainConfig, sanitize_name
 from traintrain.errors import TrainTrainError
+from traintrain.files import is_file
 from traintrain.models.bundle import Conditioning, ModelBundle
 from traintrain.modes.common import (
     Objective,
@@ -32,14 +33,19 @@ def second_pass_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
+LORA_SUFFIXES = (".safetensors", ".pt")  # what `diff load 1st pass` may name
+
+
 def find_first_pass_file(ctx: RunContext, name: str) -> Path:
-    """`diff load 1st pass`: a path, or a file name searched recursively in the Lora folder (.safetensors added)."""
+    """`diff load 1st pass`: a path, or a file name searched recursively in the Lora folder (.safetensors, then .pt,
+    added when the name has neither)."""
     direct = Path(name)
-    if direct.suffix == ".safetensors" and direct.is_file():
+    if direct.suffix in LORA_SUFFIXES and is_file(direct):
         return direct
-    stem = sanitize_name(Path(name).stem if name.endswith(".safetensors") else name)
-    for path in sorted(Path(ctx.dirs.lora).rglob(f"{stem}.safetensors")):
-        return path
+    stem = sanitize_name(direct.stem if direct.suffix in LORA_SUFFIXES else name)
+    for suffix in LORA_SUFFIXES:
+        for path in sorted(Path(ctx.dirs.lora).rglob(f"{stem}{suffix}")):
+            return path
     raise TrainTrainError(f"No copy machine {stem}.safetensors in {ctx.dirs.lora}: check 'diff load 1st pass'.")
 
 
@@ -47,7 +53,7 @@ def _reproduce(
     bundle: ModelBundle, objective: Objective, generator: torch.Generator, latents: torch.Tensor, cond: Conditioning
 ) -> TrainingStep:
     """A step that teaches the model to denoise `latents` (standard ε / v objective)."""
-    return objective.denoising_step(bundle, lambda _index: (latents, cond, None), generator)
+    return objective.denoising_step(bundle, lambda _index: (latents, cond, None, None), generator)
 
 
 def train_difference(ctx: RunContext) -> TrainResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from traintrain.models.bundle import Conditioning, ModelBundle
 from traintrain.modes.common import (
     Objective,
     RunContext,
@@ -13,6 +14,7 @@ from traintrain.modes.common import (
     seeded_generator,
     train_network,
 )
+from traintrain.networks.network import Network
 from traintrain.step import StepInputs, TrainingStep
 
 
@@ -39,10 +41,22 @@ def train_ileco(ctx: RunContext) -> TrainResult:
             return StepInputs({"latents": latents, "timesteps": objective.timesteps(shape[0], generator)})
 
         def loss(inputs: StepInputs) -> torch.Tensor:
-            latents, timesteps = inputs["latents"], inputs["timesteps"]
-            with torch.no_grad(), network.multiplier(0.0):
-                reference = bundle.predict(latents, timesteps, target)
-            prediction = bundle.predict(latents, timesteps, original)
-            return objective.loss(prediction, reference, timesteps)
+            return ileco_loss(bundle, network, objective, inputs, original, target)
 
-        return train_network(ctx, config, network, TrainingStep(inputs, loss), stem=config.effective_name)
+        return train_network(ctx, config, network, TrainingStep(inputs, loss), stem=config.effective_name, images=0)
+
+
+def ileco_loss(
+    bundle: ModelBundle,
+    network: Network,
+    objective: Objective,
+    inputs: StepInputs,
+    original: Conditioning,
+    target: Conditioning,
+) -> torch.Tensor:
+    """The LoRA's prediction for the Original prompt against the frozen model's prediction for the Target prompt."""
+    latents, timesteps = inputs["latents"], inputs["timesteps"]
+    with torch.no_grad(), network.multiplier(0.0):
+        reference = bundle.predict(latents, timesteps, target)
+    prediction = bundle.predict(latents, timesteps, original)
+    return objective.loss(prediction, reference, timesteps)

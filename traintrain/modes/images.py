@@ -9,11 +9,12 @@ from PIL import Image
 
 from traintrain.data.images import alpha_mask, load_image, to_pixels
 from traintrain.errors import TrainTrainError
+from traintrain.files import is_file
 from traintrain.models.bundle import ModelBundle
 
 
 def _open(path: Path, role: str) -> Image.Image:
-    if not path.is_file():
+    if not is_file(path):
         raise TrainTrainError(f"The {role} image {path} does not exist: choose an image file.")
     image = load_image(path)
     if image is None:

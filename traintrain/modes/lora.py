@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from traintrain.config import TrainConfig
+from traintrain.devices import host_tensor_on
 from traintrain.data import DataOptions, LatentDataset, load_image_dataset, tag_frequency
 from traintrain.models.bundle import Conditioning, ModelBundle
 from traintrain.modes.common import (
@@ -48,11 +49,12 @@ class PromptCache:
         self._cache: dict[str, Conditioning] = {}
         if not live:
             unique = sorted(set(prompts))
+            tokens = bundle.tokenize(unique)  # one tokenization: every prompt gets the same number of 75-token chunks
             with torch.no_grad():
                 for start in range(0, len(unique), 16):
-                    chunk = unique[start : start + 16]
-                    cond = bundle.encode_text(chunk).detach()
-                    for i, prompt in enumerate(chunk):
+                    part = {name: tensor[start : start + 16] for name, tensor in tokens.items()}
+                    cond = bundle.encode_tokens(part).detach()
+                    for i, prompt in enumerate(unique[start : start + 16]):
                         self._cache[prompt] = cond.select(slice(i, i + 1))
 
     def __call__(self, prompts: list[str]) -> Conditioning | dict[str, torch.Tensor]:
@@ -79,11 +81,14 @@ def train_lora(ctx: RunContext) -> TrainResult:
         prompts = PromptCache(bundle, dataset.prompts, live=bool(network.text_encoder_names))
         objective = Objective(bundle, config)
 
-        def draw(_index: int) -> tuple[torch.Tensor, Conditioning | dict[str, torch.Tensor], torch.Tensor | None]:
+        def draw(_index: int) -> tuple[torch.Tensor, Conditioning | dict, torch.Tensor | None, torch.Tensor]:
             batch = dataset.sample_batch(config.train_batch_size, sampler)
             mask = None if batch.masks is None else batch.masks.to(bundle.device)
-            return batch.latents.to(bundle.device), prompts(batch.prompts), mask
+            sizes = host_tensor_on(bundle.device, batch.sizes)  # SDXL's size conditioning of each image
+            return batch.latents.to(bundle.device), prompts(batch.prompts), mask, sizes
 
         step = objective.denoising_step(bundle, draw, generator)
         tags = tag_frequency(dataset.prompts)
-        return train_network(ctx, config, network, step, stem=config.effective_name, tags=tags)
+        return train_network(
+            ctx, config, network, step, stem=config.effective_name, tags=tags, images=len(dataset.prompts)
+        )

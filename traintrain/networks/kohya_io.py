@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from traintrain.errors import TrainTrainError
-from traintrain.files import atomic_path
+from traintrain.files import is_file, save_safetensors
 from traintrain.models.bundle import LoraTarget
+from traintrain.networks.hashes import safetensors_hashes
+from traintrain.networks.key_styles import name_resolver
+from traintrain.networks.kohya_check import LOHA_KEYS, module_kind_rank_alpha
 from traintrain.networks.modules import ADAPTERS, AdapterModule, LoHaModule, LoRAModule
 from traintrain.networks.network import Network, NetworkSpec
 
@@ -28,13 +31,11 @@ def network_tensors(network: Network, dtype: torch.dtype, strength: float = 1.0)
         if isinstance(adapter, LoRAModule):
             tensors[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach()
             tensors[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach() * strength
-        elif isinstance(adapter, LoHaModule):
-            fan_shape = (adapter.rank, adapter.in_dim, *adapter.kernel) if adapter.is_conv else None
-            w1b, w2b = adapter.hada_w1_b.detach(), adapter.hada_w2_b.detach()
+        elif isinstance(adapter, LoHaModule):  # LyCORIS' layout: conv `hada_w*_b` flat, (rank, in·k·k)
             tensors[f"{name}.hada_w1_a"] = adapter.hada_w1_a.detach() * strength
-            tensors[f"{name}.hada_w1_b"] = w1b.reshape(fan_shape) if fan_shape else w1b
+            tensors[f"{name}.hada_w1_b"] = adapter.hada_w1_b.detach().flatten(1)
             tensors[f"{name}.hada_w2_a"] = adapter.hada_w2_a.detach()
-            tensors[f"{name}.hada_w2_b"] = w2b.reshape(fan_shape) if fan_shape else w2b
+            tensors[f"{name}.hada_w2_b"] = adapter.hada_w2_b.detach().flatten(1)
         tensors[f"{name}.alpha"] = adapter.alpha.detach().clone()
     return {k: v.to("cpu", dtype).contiguous() for k, v in tensors.items()}
 
@@ -51,23 +52,37 @@ def save_network(
             f"The network weights became NaN or infinite (or too large for the save precision) by step {steps}: "
             "training stopped and the last good save is kept. Lower the learning rate or the network alpha."
         )
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path
+    metadata = {**metadata, **safetensors_hashes(tensors, metadata)}
+    return save_safetensors(path, tensors, metadata)
 
 
 def read_network_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a LoRA file; only `.safetensors` is read (never unpickled)."""
+    """Tensors and metadata of a LoRA file: `.safetensors`, or a `.pt` state dict read with
+    `torch.load(weights_only=True)` (tensors only, nothing unpickled beyond them; no metadata)."""
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise TrainTrainError(f"{path.name}: only .safetensors LoRA files can be loaded (no pickled .pt/.ckpt).")
-    if not path.is_file():
+    if path.suffix.lower() not in (".safetensors", ".pt"):
+        raise TrainTrainError(f"{path.name}: only .safetensors and .pt LoRA files can be loaded.")
+    if not is_file(path):
         raise TrainTrainError(f"LoRA file not found: {path}.")
+    if path.suffix.lower() == ".pt":
+        return _read_pt(path), {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise TrainTrainError(f"{path.name} is not a readable safetensors file: {error}.") from error
+
+
+def _read_pt(path: Path) -> dict[str, torch.Tensor]:
+    """A `.pt` LoRA's tensors, loaded with weights_only=True (no code can run); refused unless it is a flat
+    name → tensor dict."""
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError … for unreadable files
+        raise TrainTrainError(f"{path.name} is not a readable .pt LoRA (weights only): {error}.") from error
+    if not isinstance(data, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
+        raise TrainTrainError(f"{path.name} holds no LoRA state dict (name → tensor): save it as .safetensors.")
+    return data
 
 
 def module_names(tensors: dict[str, torch.Tensor]) -> set[str]:
@@ -76,32 +91,38 @@ def module_names(tensors: dict[str, torch.Tensor]) -> set[str]:
 
 
 def load_into(network: Network, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy a file's weights into matching adapters (the inverse of `network_tensors` at strength 1)."""
+    """Copy a file's weights into matching adapters (the inverse of `network_tensors` at strength 1); every tensor
+    must have exactly its parameter's size (a LoHa convolution factor may be stored 4-D)."""
     for name, adapter in network.adapters.items():
-        if f"{name}.alpha" not in tensors:
-            raise TrainTrainError(f"The LoRA file has no weights for {name}: it was made for another model or type.")
-        try:
-            if isinstance(adapter, LoRAModule):
-                adapter.lora_down.weight.data.copy_(tensors[f"{name}.lora_down.weight"])
-                adapter.lora_up.weight.data.copy_(tensors[f"{name}.lora_up.weight"])
-            else:
-                for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
-                    param = getattr(adapter, key)
-                    param.data.copy_(tensors[f"{name}.{key}"].reshape(param.shape))
-        except (KeyError, RuntimeError) as error:
-            raise TrainTrainError(f"The LoRA file does not fit this network at {name}: {error}.") from error
+        for key, param in _parameters_by_key(adapter):
+            stored = tensors.get(f"{name}.{key}")
+            if stored is None:
+                raise TrainTrainError(f"The LoRA file has no {key} for {name}: it was made for another model or type.")
+            fits = stored.numel() == param.numel() if adapter.kind == "loha" else stored.shape == param.shape
+            if not fits:
+                raise TrainTrainError(
+                    f"The LoRA file does not fit this model at {name}: {key} is {tuple(stored.shape)}, the layer needs "
+                    f"{tuple(param.shape)}. It was made for another model family."
+                )
+            param.data.copy_(stored.reshape(param.shape))
 
 
-def _adapter_shape(tensors: dict[str, torch.Tensor], name: str) -> tuple[str, int, float]:
-    """(adapter kind 'lora'|'loha', rank, alpha) of one module of a file; no alpha means alpha = rank."""
-    if f"{name}.hada_w1_a" in tensors:
-        kind, rank = "loha", int(tensors[f"{name}.hada_w1_a"].shape[1])
-    elif f"{name}.lora_down.weight" in tensors:
-        kind, rank = "lora", int(tensors[f"{name}.lora_down.weight"].shape[0])
-    else:
-        raise TrainTrainError(f"Unrecognised LoRA file: module {name} has neither lora_down nor hada_w1_a weights.")
-    alpha = tensors.get(f"{name}.alpha")
-    return kind, rank, float(alpha) if alpha is not None else float(rank)
+def in_target_style(tensors: dict[str, torch.Tensor], target_names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors renamed to the targets' UNet naming style (diffusers ↔ compvis), so that an SDXL LoRA of the
+    original TrainTrain (diffusers-style names) loads into compvis-named targets and the other way round."""
+    resolve = name_resolver(module_names(tensors), target_names)
+    renamed = {}
+    for key, tensor in tensors.items():
+        name, _, rest = key.partition(".")
+        renamed[f"{resolve(name)}.{rest}"] = tensor
+    return renamed
+
+
+def _parameters_by_key(adapter: AdapterModule) -> list[tuple[str, torch.Tensor]]:
+    """The adapter's trained parameters under their kohya key suffixes."""
+    if isinstance(adapter, LoRAModule):
+        return [("lora_down.weight", adapter.lora_down.weight), ("lora_up.weight", adapter.lora_up.weight)]
+    return [(key, getattr(adapter, key)) for key in LOHA_KEYS]
 
 
 def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bool = True) -> Network:
@@ -109,6 +130,7 @@ def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bo
     without `text_encoder`, the file's text-encoder modules are left out (modes that encode prompts once)."""
     tensors, _ = read_network_file(path)
     layers = {t.name: t.module for t in targets}
+    tensors = in_target_style(tensors, layers)
     names = sorted(n for n in module_names(tensors) if text_encoder or not n.startswith("lora_te"))
     if not names:
         raise TrainTrainError(f"{Path(path).name} has no UNet modules to train in this mode.")
@@ -120,7 +142,7 @@ def network_from_file(path: Path, targets: list[LoraTarget], *, text_encoder: bo
         )
     adapters: dict[str, AdapterModule] = {}
     for name in names:
-        kind, rank, alpha = _adapter_shape(tensors, name)
+        kind, rank, alpha = module_kind_rank_alpha(tensors, name, Path(path).name)
         adapters[name] = ADAPTERS[kind](layers[name], rank, alpha)
     network = Network(_spec_of(adapters), adapters, {n: layers[n] for n in names})
     load_into(network, tensors)
@@ -172,7 +194,7 @@ def training_metadata(
         "ss_v2": str(base_model_version == "sd_v2"),
         "ss_steps": str(steps),
         "ss_tag_frequency": json.dumps({"1": tag_frequency} if tag_frequency else {}),
-        "modelspec.architecture": _architecture(base_model_version, network_type),
+        "modelspec.architecture": _architecture(base_model_version, network_type, v_prediction),
         "modelspec.title": output_name,
         "modelspec.prediction_type": "v" if v_prediction else "epsilon",
     }
@@ -180,10 +202,11 @@ def training_metadata(
     return meta
 
 
-def _architecture(base_model_version: str, network_type: str) -> str:
+def _architecture(base_model_version: str, network_type: str, v_prediction: bool) -> str:
+    """The modelspec architecture: SD2 is `-768-v` with v-prediction and `-512` (SD2-base) without."""
     family = {
         "sd_v1": "stable-diffusion-v1",
-        "sd_v2": "stable-diffusion-v2-768-v",
+        "sd_v2": "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512",
         "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
     }
     suffix = "lora" if network_type != "loha" else "lycoris-loha"

@@ -7,10 +7,12 @@ from typing import Any
 
 import gradio as gr
 
+from traintrain.config_compat import normalised, with_notes
 from traintrain.jobs import JobQueue, ModelProvider, shared_queue
 from traintrain.modes import OutputDirs
 from traintrain.ui import compat
 from traintrain.ui.handlers import shows_errors
+from traintrain.ui.inputs import flag
 from traintrain.ui.image_panel import ImagePanel
 from traintrain.ui.params import Choices, ParamsPanel
 from traintrain.ui.plot_panel import PlotPanel
@@ -57,7 +59,10 @@ class TrainTrainUI:
             self.save_stop_button = gr.Button("Stop and Save", variant="stop", elem_id="tt_stop_save")
             self.stop_button = gr.Button("Stop without Saving", elem_id="tt_stop")
             self.add_button = gr.Button("Add to Queue", elem_id="tt_add_queue")
-            self.continue_queue = gr.Checkbox(False, label="Continue the queue after Stop", elem_id="tt_stop_continue")
+            self.pause_queue = gr.Checkbox(
+                False, label="Pause the queue on Stop", elem_id="tt_stop_pause",
+                info="Off: the next queued job starts after a Stop, as in the original TrainTrain.",
+            )
             refresh = gr.Button("refresh status", elem_id="tt_status_refresh", elem_classes=["tt-hidden"])
         self.status = gr.HTML(value=self.status_html, every=STATUS_POLL_SECONDS, elem_id="tt_status")
         self.message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tt_message")
@@ -70,11 +75,8 @@ class TrainTrainUI:
         self.start_button.click(shows_errors(self.start), inputs=settings, outputs=[self.message])
         self.add_button.click(shows_errors(self.add), inputs=settings, outputs=[self.message])
         for button, save in ((self.save_stop_button, True), (self.stop_button, False)):
-            button.click(
-                lambda go_on, save=save: self.queue.stop(save=save, continue_queue=go_on),
-                inputs=[self.continue_queue],
-                outputs=[self.message],
-            )
+            stop = shows_errors(lambda pause, save=save: self.stop(save, pause))
+            button.click(stop, inputs=[self.pause_queue], outputs=[self.message])
 
     def _build_previews(self) -> None:
         self.previews = PreviewPanel()
@@ -84,12 +86,18 @@ class TrainTrainUI:
         return render_status(self.queue.status())
 
     def start(self, *values: Any) -> str:
-        """Start Training: run these settings now (queued jobs follow)."""
-        return self.queue.start(self.params.read(values))
+        """Start Training: run these settings now (queued jobs follow); corrections of the original's values noted."""
+        config, notes = normalised(self.params.read(values))
+        return with_notes(self.queue.start(config), notes)
+
+    def stop(self, save: bool, pause_queue: Any) -> str:
+        """Stop and Save / Stop without Saving: end the running job after its step."""
+        return self.queue.stop(save=save, pause_queue=flag(pause_queue, "Pause the queue on Stop"))
 
     def add(self, *values: Any) -> str:
-        """Add to Queue: run these settings after the queued jobs."""
-        return self.queue.add(self.params.read(values))
+        """Add to Queue: run these settings after the queued jobs; corrections of the original's values noted."""
+        config, notes = normalised(self.params.read(values))
+        return with_notes(self.queue.add(config), notes)
 
 
 def create_ui(

@@ -8,10 +8,12 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from traintrain.augment import SIDES, AugmentSettings, augment_folder, save_variants
+from traintrain.augment import MAX_VARIANTS, SIDES, AugmentSettings, augment_folder, save_variants
+from traintrain.config_fields import sanitize_name
 from traintrain.errors import TrainTrainError
 from traintrain.ui.compat import image_input
 from traintrain.ui.handlers import shows_errors
+from traintrain.ui.inputs import choice, flag, number, text
 
 
 class ImagePanel:
@@ -22,7 +24,7 @@ class ImagePanel:
         with gr.Row():
             with gr.Column():
                 self.side = gr.Radio(list(SIDES), value="none", label="fix side", elem_id="tt_img_side")
-                self.count = gr.Slider(0, 1000, value=5, step=1, label="number of images", elem_id="tt_img_count")
+                self.count = gr.Slider(0, MAX_VARIANTS, value=5, step=1, label="number of images", elem_id="tt_img_count")
                 self.max_angle = gr.Slider(0, 180, value=180, step=1, label="max tilting angle", elem_id="tt_img_angle")
                 self.min_scale = gr.Slider(
                     0.01, 1, value=0.4, step=0.01, label="minimum downscale ratio", elem_id="tt_img_scale"
@@ -49,31 +51,37 @@ class ImagePanel:
 
     def run_folder(self, folder: str, *settings: object) -> str:
         """Variants of every image in `folder`."""
-        if not folder.strip():
+        folder = text(folder, "Image directory").strip()
+        if not folder:
             raise TrainTrainError("Give the image directory.")
         chosen = _settings(*settings)
-        paths = augment_folder(Path(folder.strip()), chosen)
-        return f"Wrote {len(paths)} image(s) to {Path(folder.strip()) / 'modified'} (seed {chosen.seed})."
+        paths = augment_folder(Path(folder), chosen)
+        return f"Wrote {len(paths)} image(s) to {Path(folder) / 'modified'} (seed {chosen.seed})."
 
     def run_file(self, image: Image.Image | None, stem: str, out_dir: str, *settings: object) -> str:
         """Variants of the uploaded image."""
-        if image is None:
+        if not isinstance(image, Image.Image):
             raise TrainTrainError("Upload an image first.")
-        if not out_dir.strip():
+        stem, out_dir = text(stem, "Output name").strip(), text(out_dir, "Output directory").strip()
+        if not out_dir:
             raise TrainTrainError("Give the output directory.")
         chosen = _settings(*settings)
-        paths = save_variants(image, stem or "image", Path(out_dir.strip()), chosen)
-        return f"Wrote {len(paths)} image(s) to {out_dir.strip()} (seed {chosen.seed})."
+        paths = save_variants(image, sanitize_name(stem or "image"), Path(out_dir), chosen)
+        return f"Wrote {len(paths)} image(s) to {out_dir} (seed {chosen.seed})."
 
 
-def _settings(count, rotate, max_angle, scale, min_scale, side, seed) -> AugmentSettings:  # noqa: ANN001 - UI values
-    seed = int(seed if seed is not None else -1)
+def _settings(*values: object) -> AugmentSettings:
+    """The tab's settings, read and bounded here whatever the page sent."""
+    if len(values) != 7:
+        raise TrainTrainError(f"Expected 7 image settings, got {len(values)}: reload the page.")
+    count, rotate, max_angle, scale, min_scale, side, seed = values
+    seed = -1 if seed is None or seed == "" else number(seed, "seed", -1, 2**32 - 1, whole=True)
     return AugmentSettings(
-        count=int(count),
-        rotate=bool(rotate),
-        max_angle=float(max_angle),
-        scale=bool(scale),
-        min_scale=float(min_scale),
-        side=str(side),
+        count=number(count, "number of images", 0, MAX_VARIANTS, whole=True),
+        rotate=flag(rotate, "change angle"),
+        max_angle=number(max_angle, "max tilting angle", 0, 180),
+        scale=flag(scale, "change scale"),
+        min_scale=number(min_scale, "minimum downscale ratio", 0.01, 1),
+        side=choice(side, "fix side", SIDES),
         seed=seed if seed >= 0 else random.randrange(2**31),
     )

@@ -23,7 +23,8 @@ from traintrain.config_fields import (
     FieldSpec,
 )
 from traintrain.errors import TrainTrainError
-from traintrain.files import atomic_path
+from traintrain.files import atomic_path, is_file
+from traintrain.preflight import raise_problems, settings_problems
 from traintrain.ui.compat import image_input
 
 Choices = Callable[[], list[str]]
@@ -145,21 +146,28 @@ class ParamsPanel:
         return [*self.first.values(), self.second_accordion]
 
     def visibility(self, mode: str) -> list[Any]:
-        """Updates showing the widgets of `mode` (the 2nd-pass accordion in Difference only)."""
+        """Updates showing the widgets of `mode` (the 2nd-pass accordion in Difference only); an unknown mode shows
+        the general row only."""
+        mode = mode if isinstance(mode, str) else ""
         shown = [FIELD_BY_NAME[n].section == "general" or FIELD_BY_NAME[n].shown(mode) for n in self.first]
         return [gr.update(visible=v) for v in shown] + [gr.update(visible=mode == "Difference")]
 
     def read(self, values: Sequence[Any]) -> TrainConfig:
-        """The TrainConfig of the widget values (in `inputs` order); one TrainTrainError lists every unreadable one."""
+        """The TrainConfig of the widget values (in `inputs` order). When some cannot be read, one TrainTrainError
+        lists them and every other problem of the settings (ranges, optimizer, …): one round of fixes, not two."""
+        if len(values) != len(self.inputs):
+            raise TrainTrainError(f"Expected {len(self.inputs)} setting values, got {len(values)}: reload the page.")
         count = len(self.first)
         problems: list[str] = []
         first = _parse(dict(zip(self.first, values[:count])), problems, "")
         second = _parse(dict(zip(self.second, values[count:])), problems, SECOND_PREFIX)
+        unreadable = frozenset(self.first.keys() - first.keys() | self.second.keys() - second.keys())
         first["use_2nd_pass_settings"] = second.pop("use_2nd_pass_settings", False)
-        if problems:
-            raise TrainTrainError("Please fix these settings:\n" + "\n".join(f"- {p}" for p in problems))
         second_pass = TrainConfig(**{**first, **second}) if first.get("mode") == "Difference" else None
-        return TrainConfig(**first, second_pass=second_pass)
+        config = TrainConfig(**first, second_pass=second_pass)
+        if problems:
+            raise_problems(problems + settings_problems(config, unreadable=unreadable))
+        return config
 
     def show(self, config: TrainConfig) -> list[Any]:
         """Widget values (in `inputs` order) showing `config`."""
@@ -185,7 +193,7 @@ def _parse(raw: dict[str, Any], problems: list[str], prefix: str) -> dict[str, A
 def _raw(spec: FieldSpec, value: Any) -> Any:
     if spec.widget != IMAGE:
         return spec.raw(value)
-    if not value or not Path(value).is_file():
+    if not is_file(value or ""):
         return None
     try:
         with Image.open(value) as image:
@@ -198,6 +206,8 @@ def _image_path(image: Image.Image | None) -> str:
     """An uploaded image as a PNG file named by its content (so the queue can keep it); "" when none."""
     if image is None:
         return ""
+    if not isinstance(image, Image.Image):
+        raise TrainTrainError("An image box sent something that is not an image: choose the image again.")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     data = buffer.getvalue()

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 
 from traintrain.plot import find_log, plot_log, read_log
 from traintrain.ui.handlers import shows_errors
+from traintrain.ui.inputs import text
 
 
 class PlotPanel:
@@ -29,5 +30,5 @@ class PlotPanel:
 
     def reload(self, name: str) -> tuple[Figure, str]:
         """The figure of the named (or newest) log and which file it shows."""
-        path = find_log(self.logs_dir, name)
+        path = find_log(self.logs_dir, text(name, "Name of logfile"))
         return plot_log(read_log(path)), f"Showing {path.name}"

@@ -7,6 +7,7 @@ import gradio as gr
 from traintrain.jobs import JobQueue
 from traintrain.ui.compat import table
 from traintrain.ui.handlers import shows_errors
+from traintrain.ui.inputs import text
 from traintrain.ui.status import QUEUE_HEADERS, queue_rows
 
 POLL_SECONDS = 2.0
@@ -34,7 +35,7 @@ class QueuePanel:
 
     def remove(self, name: str) -> tuple[list[list[str]], str]:
         """Remove a queued job."""
-        message = self.queue.remove(name)
+        message = self.queue.remove(text(name, "Name of Queue to delete"))
         return self.rows(), message
 
     def run(self) -> tuple[list[list[str]], str]:

@@ -6,7 +6,7 @@ from html import escape
 
 from traintrain.jobs import JobEntry, JobQueue, QueueStatus
 
-QUEUE_HEADERS = ["Name", "Mode", "Status", "Message"]
+QUEUE_HEADERS = ["Name", "Mode", "Model", "Rank", "Steps", "LR", "Status", "Message"]
 
 
 def render_status(status: QueueStatus) -> str:
@@ -33,4 +33,5 @@ def render_status(status: QueueStatus) -> str:
 def queue_rows(queue: JobQueue) -> list[list[str]]:
     """Rows for the queue table: running and queued jobs, then the finished ones (newest first)."""
     entries: list[JobEntry] = queue.entries() + list(queue.status().results)
-    return [[e.name, e.mode, e.state, e.message] for e in entries] or [["", "", "", ""]]
+    rows = [[e.name, e.mode, e.model, e.rank, e.steps, e.lr, e.state, e.message] for e in entries]
+    return rows or [[""] * len(QUEUE_HEADERS)]
