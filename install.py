@@ -85,6 +85,11 @@ def constraints_text() -> str:
     return "\n".join(pins) + "\n"
 
 
+def clip_vocabulary_present() -> bool:
+    """Whether the CLIP BPE vocabulary file is installed (clip-anytorch, or open_clip / clip as the host ships them)."""
+    return installed("clip-anytorch") or any(importlib.util.find_spec(name) for name in ("open_clip", "clip"))
+
+
 def install_in_webui() -> None:
     """Inside a host: add only what is missing through the host's own pip runner (Forge family: core packages held)."""
     import launch  # the host's module, importable only when the host runs this file
@@ -93,6 +98,8 @@ def install_in_webui() -> None:
     missing = [r for d, r in host_requirements(kind).items() if not installed(d)]
     if not installed("bitsandbytes") and torch_at_least(2, 4):  # 8-bit optimizers need torch >= 2.4
         missing.append("bitsandbytes" if kind == "forge" else "bitsandbytes==0.50.2")
+    if not clip_vocabulary_present():  # Forge Neo ships neither open_clip nor clip: only the vocabulary file is used
+        missing.append(f"--no-deps {CLIP_VOCAB}")
     if not missing:
         return
     if kind == "a1111":
@@ -103,7 +110,8 @@ def install_in_webui() -> None:
         handle.write(constraints_text())
     try:
         for requirement in missing:
-            launch.run_pip(f'install "{requirement}" -c "{handle.name}"', f"TrainTrain requirement: {requirement}")
+            quoted = requirement if requirement.startswith("--") else f'"{requirement}"'
+            launch.run_pip(f'install {quoted} -c "{handle.name}"', f"TrainTrain requirement: {requirement}")
     finally:
         os.unlink(handle.name)
 
@@ -118,7 +126,7 @@ def install_standalone(with_tests: bool) -> None:
     if not installed("torch"):
         pip(TORCH)
     pip("-r", str(ROOT / "requirements.txt"))
-    if not installed("clip-anytorch") and importlib.util.find_spec("open_clip") is None:
+    if not clip_vocabulary_present():
         pip("--no-deps", CLIP_VOCAB)
     if with_tests:
         pip("-r", str(ROOT / "requirements-test.txt"))

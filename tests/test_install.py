@@ -104,3 +104,11 @@ def test_automatic1111_installs_as_before(install, monkeypatch, tmp_path) -> Non
 def test_nothing_runs_when_nothing_is_missing(install, monkeypatch, tmp_path) -> None:
     present = set(install.WEBUI_PACKAGES) | {"bitsandbytes"}
     assert run_in_host(install, monkeypatch, host_folder(tmp_path, "forge"), present) == []
+
+
+@pytest.mark.parametrize("kind", ["a1111", "forge"])
+def test_the_clip_vocabulary_is_added_where_the_host_lacks_it(install, monkeypatch, tmp_path, kind) -> None:
+    monkeypatch.setattr(install, "clip_vocabulary_present", lambda: False)  # Forge Neo: neither open_clip nor clip
+    present = set(install.WEBUI_PACKAGES) | {"bitsandbytes"}
+    runs = run_in_host(install, monkeypatch, host_folder(tmp_path, kind), present)
+    assert [command for command, _ in runs] == [f"install --no-deps {install.CLIP_VOCAB}"]
