@@ -37,7 +37,7 @@ def launch(
         OpenModelProvider(model), dirs, root / "presets", root / "queue.json",
         model_choices=lambda: models, vae_choices=lambda: [""], css=css,
     )  # fmt: skip
-    compat.add_head_to_pages(head)
+    compat.add_head(ui.blocks, head)
     compat.enable_queue(ui.blocks)
     ui.blocks.launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, **compat.launch_options(css, head)
