@@ -3,6 +3,7 @@
 Needs Debian's chromium (/usr/bin/chromium) and the playwright package (never `playwright install`).
 """
 
+import json
 import os
 import re
 import shutil
@@ -225,3 +226,22 @@ def test_image_tab_upload_in_the_browser(server, page, tmp_path):
     page.locator("#tt_img_from_file").click()
     page.wait_for_function("document.querySelector('#tt_img_message textarea').value.includes('Wrote 3 image(s)')")
     assert sorted(p.name for p in out.iterdir()) == [f"upload_id_{i}.png" for i in range(3)]
+
+
+def test_difference_images_and_presets_in_the_browser(server, page, tmp_path):
+    url, root = server
+    source = sorted(write_sample_images(tmp_path / "images").glob("*.png"))[0]
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#tt_status .tt-status")
+    assert not page.locator("#tt_2nd_pass").is_visible()
+    page.locator("#tt_mode label", has_text="Difference").click()
+    page.locator("#tt_2nd_pass").wait_for(state="visible")  # the accordion a mode change shows
+    page.locator("#tt_original_image input[type='file']").set_input_files(str(source))
+    page.locator("#tt_original_image img").first.wait_for(state="visible")
+    fill(page, "save_lora_name", "diff-preset")
+    page.locator("#tt_preset_save").click()
+    page.wait_for_function("document.querySelector('#tt_message textarea').value.includes('Preset saved')")
+    assert page.locator("#tt_preset input").first.input_value() == "diff-preset"  # the dropdown's new choice
+    saved = json.loads((root / "presets" / "diff-preset.json").read_text())
+    assert saved["mode"] == "Difference" and Path(saved["original image"]).is_file()  # the upload, kept as a PNG
