@@ -4,7 +4,8 @@ Inside a WebUI host (run by it at start, `launch` importable): only what the hos
 in the versions pinned here. AUTOMATIC1111 as always (its old huggingface_hub may be raised for diffusers; never
 torch, gradio or transformers). reForge, Forge main and Forge Neo: their installed core packages are held as pip
 constraints so nothing replaces them; Forge main / Neo already ship diffusers and newer stacks, so there nothing is
-pinned and torch, gradio, transformers, diffusers and pydantic are never installed or replaced. By hand (`python install.py [--tests]`): torch 2.13.0 first, then the pinned stack.
+pinned and torch, gradio, transformers, diffusers and pydantic are never installed or replaced. By hand
+(`python install.py [--tests] [--forge-stack]`): torch 2.13.0 first, then the pinned stack.
 """
 
 from __future__ import annotations
@@ -121,11 +122,15 @@ def pip(*args: str) -> None:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args])
 
 
-def install_standalone(with_tests: bool) -> None:
-    """By hand or in CI: torch first (so nothing pulls another build), then the pinned stack."""
+def install_standalone(with_tests: bool, forge_stack: bool = False) -> None:
+    """By hand or in CI: torch first (so nothing pulls another build), then the pinned stack.
+
+    `forge_stack`: the Forge / Forge Neo versions (requirements-forge.txt: gradio 4, numpy 2, ...) instead of the
+    WebUI 1.10 ones (requirements.txt); use a separate virtual environment for it.
+    """
     if not installed("torch"):
         pip(TORCH)
-    pip("-r", str(ROOT / "requirements.txt"))
+    pip("-r", str(ROOT / ("requirements-forge.txt" if forge_stack else "requirements.txt")))
     if not clip_vocabulary_present():
         pip("--no-deps", CLIP_VOCAB)
     if with_tests:
@@ -139,7 +144,7 @@ def main() -> None:
     if importlib.util.find_spec("launch") is not None and "--standalone" not in sys.argv:
         install_in_webui()
     else:
-        install_standalone("--tests" in sys.argv)
+        install_standalone("--tests" in sys.argv, forge_stack="--forge-stack" in sys.argv)
 
 
 if __name__ == "__main__":

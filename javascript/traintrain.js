@@ -19,6 +19,7 @@
     document.addEventListener("visibilitychange", refreshStatus);
     document.addEventListener("click", function (event) {
         const tab = event.target instanceof Element ? event.target.closest("button") : null;
-        if (tab && tab.closest(".tab-nav") && tab.textContent.trim() === "TrainTrain") setTimeout(refreshStatus, 100);
+        const inTabBar = tab && tab.closest(".tab-nav, [role='tablist']");  // gradio 3 / gradio 4 tab bars
+        if (inTabBar && tab.textContent.trim() === "TrainTrain") setTimeout(refreshStatus, 100);
     });
 })();

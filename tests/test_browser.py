@@ -3,6 +3,7 @@
 Needs Debian's chromium (/usr/bin/chromium) and the playwright package (never `playwright install`).
 """
 
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,16 @@ CHROMIUM_FLAGS = [
 ]  # fmt: skip
 HELPER = Path(__file__).with_name("browser_app.py")
 TIMEOUT_MS = 60_000
+TRAINING_TIMEOUT_S = 600  # a deadline, not a speed check: CI machines may be slow and shared
+
+
+SHOWN_OPACITY = """selector => {
+    let opacity = 1;
+    for (let node = document.querySelector(selector); node; node = node.parentElement) {
+        opacity *= Number(getComputedStyle(node).opacity);
+    }
+    return opacity;
+}"""
 
 
 def _free_port() -> int:
@@ -90,7 +101,7 @@ def status_text(page) -> str:
 
 def wait_until(read, done, what: str):
     """Call `read()` until `done(value)`; fail with the last value after the timeout."""
-    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    deadline = time.monotonic() + TRAINING_TIMEOUT_S
     while time.monotonic() < deadline:
         value = read()
         if done(value):
@@ -104,9 +115,19 @@ def wait_for_status(page, text: str, seen: list[str]) -> None:
     wait_until(lambda: seen.append(status_text(page)) or seen[-1], lambda shown: text in shown, f"status {text!r}")
 
 
-def queue_text(page) -> str:
-    """The queue table's text as shown, row after row (table markup differs between gradio versions)."""
-    return page.locator("#tt_queue_table").inner_text()
+def queue_rows(page) -> list[str]:
+    """The queue table's body rows as shown. gradio 4 also keeps a hidden copy of the first rows (to size the
+    columns) before the table it shows, so read the last table only."""
+    return page.locator("#tt_queue_table table").last.locator("tbody tr").all_inner_texts()
+
+
+def finished_rows(page) -> list[str]:
+    """The queue table's rows of finished jobs."""
+    return [row for row in queue_rows(page) if "done" in row]
+
+
+def open_tab(page, name: str) -> None:
+    page.locator(".tab-nav button, button[role='tab']", has_text=re.compile(rf"^\s*{name}\s*$")).first.click()
 
 
 def test_train_and_queue_in_the_browser(server, page, tmp_path):
@@ -117,6 +138,7 @@ def test_train_and_queue_in_the_browser(server, page, tmp_path):
     page.wait_for_selector("#tt_status .tt-status")
     assert "Idle." in status_text(page)
     assert page.evaluate("typeof window.traintrainRefreshStatus") == "function"  # javascript/traintrain.js is loaded
+    assert not page.locator("#tt_status_refresh").is_visible()  # style.css is applied (.tt-hidden)
 
     fill(page, "lora_data_directory", str(images))
     fill(page, "image_size", "64")
@@ -126,9 +148,14 @@ def test_train_and_queue_in_the_browser(server, page, tmp_path):
     fill(page, "train_batch_size", "1")
     fill(page, "train_learning_rate", "1e-3")
     fill(page, "save_lora_name", "browser")
+    page.locator("#tt_logging_save_csv input").check()
     page.locator("#tt_start").click()
     page.wait_for_function("document.querySelector('#tt_message textarea').value.includes(\"Started 'browser'\")")
     seen: list[str] = []
+    wait_for_status(page, "step ", seen)
+    for _ in range(30):  # style.css keeps the polled box from fading while a refresh is pending (gradio 4)
+        assert page.evaluate(SHOWN_OPACITY, "#tt_status .tt-status") == 1
+        time.sleep(0.1)
     wait_for_status(page, "browser.safetensors", seen)
     assert any("Training 'browser'" in text for text in seen)
     steps = [text for text in seen if "step " in text and "/400" in text]
@@ -137,18 +164,24 @@ def test_train_and_queue_in_the_browser(server, page, tmp_path):
     assert (root / "output" / "browser.safetensors").is_file()
     page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
 
+    open_tab(page, "Plot")
+    page.locator("#tt_plot_reload").click()
+    page.wait_for_function("document.querySelector('#tt_plot_message textarea').value.includes('Showing ')")
+    page.locator("#tt_plot img").first.wait_for(state="visible")  # the matplotlib figure
+    open_tab(page, "Train")
+
     fill(page, "train_iterations", "150")
     for name in ("queued-1", "queued-2"):
         fill(page, "save_lora_name", name)
         page.locator("#tt_add_queue").click()
         page.wait_for_function(f"document.querySelector('#tt_message textarea').value.includes(\"Added '{name}'\")")
-    page.locator(".tab-nav button, button[role='tab']", has_text=re.compile(r"^\s*Queue\s*$")).first.click()
+    open_tab(page, "Queue")
     page.locator("#tt_queue_run").click()
-    wait_until(lambda: queue_text(page), lambda text: "running" in text, "a running job in the queue table")
+    wait_until(lambda: queue_rows(page), lambda rows: any("running" in r for r in rows), "a running job in the table")
     wait_for_status(page, "queued-2.safetensors", seen)
-    table = wait_until(lambda: queue_text(page), lambda text: text.count("done") == 3, "three finished jobs")
-    positions = [table.index(name) for name in ("queued-2", "queued-1", "browser")]  # each row names only its job
-    assert positions == sorted(positions)  # finished jobs are listed newest first: queued-1 ran before queued-2
+    rows = wait_until(lambda: finished_rows(page), lambda rows: len(rows) == 3, "three finished jobs")
+    # finished jobs are listed newest first: queued-1 ran before queued-2
+    assert [row.split()[0] for row in rows] == ["queued-2", "queued-1", "browser"]
     first, second = (root / "output" / f"queued-{i}.safetensors" for i in (1, 2))
     assert first.stat().st_mtime <= second.stat().st_mtime
     page.screenshot(path=str(tmp_path / "queue.png"), full_page=True)
@@ -173,3 +206,42 @@ def test_ileco_previews_in_the_browser(server, page):
         page.locator(f"{gallery} img").first.wait_for(state="visible")
     page.locator("#tt_mode label", has_text="LoRA").first.click()
     page.locator("#tt_preview_all").wait_for(state="hidden")
+
+
+def test_image_tab_upload_in_the_browser(server, page, tmp_path):
+    url, _ = server
+    source = sorted(write_sample_images(tmp_path / "images").glob("*.png"))[0]
+    out = tmp_path / "variants"
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#tt_status .tt-status")
+    open_tab(page, "Image")
+    page.locator("#tt_img_input input[type='file']").set_input_files(str(source))
+    page.locator("#tt_img_input img").first.wait_for(state="visible")  # the upload reached the server and came back
+    page.locator("#tt_img_count input[type='number']").fill("3")
+    page.locator("#tt_img_count input[type='number']").press("Enter")
+    fill(page, "img_seed", "7")
+    fill(page, "img_name", "upload")
+    fill(page, "img_out", str(out))
+    page.locator("#tt_img_from_file").click()
+    page.wait_for_function("document.querySelector('#tt_img_message textarea').value.includes('Wrote 3 image(s)')")
+    assert sorted(p.name for p in out.iterdir()) == [f"upload_id_{i}.png" for i in range(3)]
+
+
+def test_difference_images_and_presets_in_the_browser(server, page, tmp_path):
+    url, root = server
+    source = sorted(write_sample_images(tmp_path / "images").glob("*.png"))[0]
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#tt_status .tt-status")
+    assert not page.locator("#tt_2nd_pass").is_visible()
+    page.locator("#tt_mode label", has_text="Difference").click()
+    page.locator("#tt_2nd_pass").wait_for(state="visible")  # the accordion a mode change shows
+    page.locator("#tt_original_image input[type='file']").set_input_files(str(source))
+    page.locator("#tt_original_image img").first.wait_for(state="visible")
+    fill(page, "save_lora_name", "diff-preset")
+    page.locator("#tt_preset_save").click()
+    page.wait_for_function("document.querySelector('#tt_message textarea').value.includes('Preset saved')")
+    assert page.locator("#tt_preset input").first.input_value() == "diff-preset"  # the dropdown's new choice
+    saved = json.loads((root / "presets" / "diff-preset.json").read_text())
+    assert saved["mode"] == "Difference" and Path(saved["original image"]).is_file()  # the upload, kept as a PNG

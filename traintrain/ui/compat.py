@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import gradio as gr
@@ -15,34 +16,42 @@ def image_input(label: str, elem_id: str, visible: bool = True) -> gr.Image:
     return gr.Image(label=label, type="pil", image_mode="RGBA", elem_id=elem_id, visible=visible, **source)
 
 
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether `fn` names the keyword `name` (a catch-all `**kwargs` does not count: gradio 3 ignores unknown ones)."""
+    return name in inspect.signature(fn).parameters
+
+
 def table(headers: list[str], elem_id: str, label: str, value: Callable[[], list], every: float) -> gr.Dataframe:
     """A read-only table with these headers, refreshed from `value()` every `every` seconds while the page is open."""
-    size = {"max_rows": 50} if GRADIO_MAJOR < 4 else {"max_height": 400}
+    size = {"max_height": 400} if _accepts(gr.Dataframe.__init__, "max_height") else {"height": 400}
     return gr.Dataframe(
         value=value, every=every, headers=headers, label=label, interactive=False, wrap=True, elem_id=elem_id, **size
     )
 
 
 def blocks(css: str) -> gr.Blocks:
-    """The Blocks container; gradio 3 takes the page CSS here, later versions at launch (see `launch_options`)."""
-    extra: dict[str, Any] = {"css": css} if GRADIO_MAJOR < 4 and css else {}
+    """The Blocks container; gradio 3 and 4 take the page CSS here, later versions at launch (see `launch_options`)."""
+    extra: dict[str, Any] = {"css": css} if css and _accepts(gr.Blocks.__init__, "css") else {}
     return gr.Blocks(analytics_enabled=False, title="TrainTrain", **extra)
 
 
 def launch_options(css: str, head: str) -> dict[str, Any]:
-    """Keyword arguments of `launch` for the page CSS and head (gradio 4+ only; see `add_head_to_pages`)."""
-    if GRADIO_MAJOR < 4:
-        return {}
-    import inspect
-
-    accepted = inspect.signature(gr.Blocks.launch).parameters
-    return {key: value for key, value in {"css": css, "head": head}.items() if key in accepted}
+    """Keyword arguments of `launch` for the page CSS and head: only where `launch` takes them (gradio 5+)."""
+    options = {"css": css} if not _accepts(gr.Blocks.__init__, "css") else {}
+    options["head"] = head
+    return {key: value for key, value in options.items() if _accepts(gr.Blocks.launch, key)}
 
 
-def add_head_to_pages(head: str) -> None:
-    """gradio 3 has no `head` option: add `head` to the served page the way the WebUI adds extension scripts."""
-    if GRADIO_MAJOR >= 4:
-        return
+def add_head(blocks: gr.Blocks, head: str) -> None:
+    """Put `head` (HTML) into the served page's head: gradio 4 keeps it on the Blocks, gradio 3 has no such option."""
+    if _accepts(gr.Blocks.__init__, "head"):
+        blocks.head = head
+    elif not _accepts(gr.Blocks.launch, "head"):
+        _add_head_to_templates(head)
+
+
+def _add_head_to_templates(head: str) -> None:
+    """gradio 3: add `head` to every served page the way the WebUI adds extension scripts."""
     import gradio.routes
 
     original = gradio.routes.templates.TemplateResponse

@@ -77,7 +77,7 @@ def launch(
         OpenModelProvider(model), dirs, root / "presets", root / "queue.json",
         model_choices=lambda: models, vae_choices=lambda: [""], css=css,
     )  # fmt: skip
-    compat.add_head_to_pages(head)
+    compat.add_head(ui.blocks, head)
     compat.enable_queue(ui.blocks)
     if block:  # Ctrl-C and SIGTERM: the server closes at once (open pages or not), then …
         for number in (signal.SIGINT, signal.SIGTERM):
