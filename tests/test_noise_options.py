@@ -116,7 +116,7 @@ def test_input_perturbation_noises_the_input_but_not_the_target():
     assert "input_noise" not in Objective(bundle, TrainConfig()).noised(latents, torch.Generator())
     seen = []
     bundle_predict = bundle.predict
-    bundle.predict = lambda noisy, t, cond: seen.append(noisy) or bundle_predict(noisy, t, cond)  # type: ignore[method-assign]
+    bundle.predict = lambda noisy, t, cond, sizes=None: seen.append(noisy) or bundle_predict(noisy, t, cond, sizes)  # type: ignore[method-assign]
     cond = bundle.encode_text(["a", "b"])
     from traintrain.step import StepInputs
 
