@@ -160,8 +160,8 @@ def test_stop_on_rank_one_stops_both_with_one_save(images, tmp_path) -> None:
     outcomes = spawn_ranks(lora_config(images, train_batch_size=1), tmp_path, fault="stop")
     assert outcomes[0] == outcomes[1] == {"steps": 2, "stopped": True, "path": outcomes[0]["path"]}, outcomes
     files = written(tmp_path)
-    assert files["Lora"] == ["demo-step2.safetensors"] and len(files["logs"]) == 1, files
-    rows = next((tmp_path / "logs").glob("*.csv")).read_text().splitlines()[9:]
+    assert files["Lora"] == ["demo_2steps.safetensors"] and len(files["logs"]) == 1, files
+    rows = next((tmp_path / "logs").rglob("*.csv")).read_text().splitlines()[9:]
     assert [row.split(",")[0] for row in rows] == ["1", "2"]
 
 

@@ -169,5 +169,5 @@ def test_block_weights_scale_each_blocks_learning_rate(images, tmp_path):
     in01 = [k for k in ups if network.blocks.get(k.split(".")[0]) == "IN01"]
     assert in01 and all(not ups[k].any() for k in in01), "a block at weight 0 keeps its zero-initialised up weights"
     assert any(ups[k].any() for k in ups if k not in in01)
-    header = next(line for line in next(tmp_path.glob("*.csv")).read_text().splitlines() if line.startswith("Step"))
+    header = next(line for line in next(tmp_path.rglob("*.csv")).read_text().splitlines() if line.startswith("Step"))
     assert header.count("Learning Rate") == len(groups), "one learning-rate column per block group"

@@ -55,7 +55,7 @@ def test_the_batch_loss_weight_multiplies_the_loss():
     latent, cond = torch.randn(2, 4, 8, 8), bundle.encode_text(["a", "b"]).detach()
 
     def loss(*weight: torch.Tensor) -> torch.Tensor:
-        step = objective.denoising_step(bundle, lambda _i: (latent, cond, None, *weight), torch.Generator().manual_seed(0))
+        step = objective.denoising_step(bundle, lambda _i: (latent, cond, None, None, *weight), torch.Generator().manual_seed(0))
         with torch.no_grad():
             return step.loss(step.inputs(0))
 
@@ -66,9 +66,9 @@ def test_the_batch_loss_weight_multiplies_the_loss():
 def test_lora_training_draws_the_regularisation_images(folders, tmp_path):
     train, reg = folders
     bundle = build_tiny("sd1")
-    encoded: list[str] = []
-    encode = bundle.encode_text
-    bundle.encode_text = lambda prompts: encoded.extend(prompts) or encode(prompts)  # type: ignore[method-assign]
+    encoded: list[str] = []  # the prompts the run tokenizes (the frozen text encoder encodes each once)
+    tokenize = bundle.tokenize
+    bundle.tokenize = lambda prompts: encoded.extend(prompts) or tokenize(prompts)  # type: ignore[method-assign]
     base = dataclasses.replace(
         demo_config(train, iterations=8), logging_save_csv=False, network_blocks=["IN01", "OUT02"]
     )
