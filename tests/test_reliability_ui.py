@@ -88,7 +88,7 @@ def test_save_preset_refuses_to_replace_one_without_the_tick(ui) -> None:
     assert TrainConfig.load_json(ui.presets.presets_dir / "mine.json").network_rank == 8
 
 
-@pytest.mark.parametrize("name", ["LoRA", "lora", "iLECO", "Difference_Use2ndPassSettings"])
+@pytest.mark.parametrize("name", ["LoRA", "lora", "iLECO", "Difference_Use2ndPass"])
 def test_a_shipped_preset_is_never_replaced(ui, name) -> None:
     message = shows_errors(ui.presets.save, 1)(True, *ui.params.show(TrainConfig(save_lora_name=name)))[1]
     assert "comes with TrainTrain" in message and not (ui.presets.presets_dir / f"{name}.json").exists()
