@@ -62,10 +62,10 @@ def pair(tmp_path_factory) -> tuple[str, str]:
     return circle(folder / "original.png", (220, 30, 30)), circle(folder / "target.png", (30, 60, 220))
 
 
-# ----- in CI (CI=true) a skip is a failure, except for tests that need a GPU or a real WebUI checkout: every other
+# ----- in CI (CI=true) a skip is a failure, except for tests that need a GPU or a real host checkout (WebUI, Forge): every other
 # dependency is installed by `install.py --tests` (ldm, playwright; Chromium by .ci/run), so a skip means it is missing.
 
-ALLOWED_SKIP_REASONS = ("GPU", "WEBUI_DIR")
+ALLOWED_SKIP_REASONS = ("GPU", "WEBUI_DIR", "FORGE_DIR")
 _refused_skips: list[str] = []
 
 
@@ -91,6 +91,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _refused_skips:
-        print("\nIn CI only GPU and real-WebUI tests may skip; these skipped (a test dependency is missing):")
+        print("\nIn CI only GPU and real-host tests may skip; these skipped (a test dependency is missing):")
         print("\n".join(f"  {line}" for line in _refused_skips))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
