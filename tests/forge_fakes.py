@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from host_fakes import FakeState
 from torch import nn
 
 OPTS = dict(outdir_samples="", outdir_txt2img_samples="outputs/txt2img", outdir_grids="", outdir_txt2img_grids="g")
@@ -109,19 +110,6 @@ def forge_engine(checkpoint: Path, engine_class: type[ForgeDiffusionEngine] = St
         clipvision=None,
     )
     return engine_class(objects, SimpleNamespace(filename=str(checkpoint), title=checkpoint.name))
-
-
-class FakeState:
-    """`shared.state`: the current job and the Interrupt flag."""
-
-    def __init__(self) -> None:
-        self.job, self.interrupted = "", False
-
-    def begin(self, job: str = "(unknown)") -> None:
-        self.job, self.interrupted = job, False
-
-    def end(self) -> None:
-        self.job = ""
 
 
 class FakeForge:

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from host_fakes import FakeState
 from ldm_tiny import build_ldm_model
 from PIL import Image
 from torch import nn
@@ -107,19 +108,6 @@ class FakeWebUI:
         if result[0]:
             self.queue_lock.release()
         return not result[0]
-
-
-class FakeState:
-    """`shared.state`: the current job and the Interrupt flag."""
-
-    def __init__(self) -> None:
-        self.job, self.interrupted = "", False
-
-    def begin(self, job: str = "(unknown)") -> None:
-        self.job, self.interrupted = job, False
-
-    def end(self) -> None:
-        self.job = ""
 
 
 def fake_lora_extension(calls: list) -> types.ModuleType:
